@@ -68,6 +68,43 @@ def cmd_corpus_validate(args: argparse.Namespace) -> None:
     _print({"path": str(path), "valid": True, **validate_corpus(path)})
 
 
+def cmd_sae_train(args: argparse.Namespace) -> None:
+    from .sae_training import export_sae, train_sae
+
+    cfg = _config(args.config)
+    if args.tokens is not None:
+        cfg.sae.train.training_tokens = args.tokens
+    if args.device:
+        cfg.model.device = args.device
+    result = train_sae(cfg, out_dir=args.out, resume=not args.no_resume)
+    if args.ship:
+        export_sae(result.sae_dir, args.ship)
+    _print({"sae_dir": str(result.sae_dir), **{k: v for k, v in result.info.items() if k != "loss_curve"}})
+
+
+def cmd_sae_eval(args: argparse.Namespace) -> None:
+    from .sae_training import evaluate_run_sae
+
+    cfg = _config(args.config)
+    for key in ("split", "max_tokens", "ce_tokens"):
+        if getattr(args, key) is not None:
+            setattr(cfg.sae.eval, key, getattr(args, key))
+    evals = evaluate_run_sae(cfg, sae_path=args.sae, save_to=args.save)
+    _print({"metrics": evals.metrics(), **evals.to_dict()})
+
+
+def cmd_sae_info(args: argparse.Namespace) -> None:
+    from .models import default_layer
+    from .saes import sae_info, shipped_sae_dir
+
+    cfg = _config(args.config)
+    layer = cfg.model.layer if cfg.model.layer is not None else default_layer(cfg.model.name)
+    path = args.path or cfg.sae.path or shipped_sae_dir(cfg.model.name, layer)
+    info = sae_info(path)
+    info.get("train_info", {}).pop("loss_curve", None)
+    _print(info)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="saefeatures", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -92,6 +129,29 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "stats":
             s.add_argument("--skip-corrupt", action="store_true")
         s.set_defaults(func=func)
+
+    sae = sub.add_parser("sae", help="train, evaluate and inspect the SAE at the studied layer")
+    ssub = sae.add_subparsers(dest="sae_command", required=True)
+    t = ssub.add_parser("train", help="train an SAE with SAELens on the corpus (resumable)")
+    t.add_argument("--config", help="run config YAML (model, corpus, tracking, sae.train)")
+    t.add_argument("--out", help="output directory (default: sae.train.out or runs/sae/<model>-L<layer>)")
+    t.add_argument("--tokens", type=int, help="override sae.train.training_tokens")
+    t.add_argument("--device", help="override model.device (e.g. cuda)")
+    t.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
+    t.add_argument("--ship", help="also export the trained SAE here (bfloat16 weights)")
+    t.set_defaults(func=cmd_sae_train)
+    e = ssub.add_parser("eval", help="SAELens evals on the held-out corpus split")
+    e.add_argument("--config", help="run config YAML (model, corpus, sae)")
+    e.add_argument("--sae", help="SAE directory (default: the config's SAE)")
+    e.add_argument("--split", help="corpus split (default: sae.eval.split, 'test')")
+    e.add_argument("--max-tokens", type=int, help="tokens for explained variance, L0, dead latents")
+    e.add_argument("--ce-tokens", type=int, help="tokens for the CE loss recovered")
+    e.add_argument("--save", help="write the evals to this JSON file")
+    e.set_defaults(func=cmd_sae_eval)
+    i = ssub.add_parser("info", help="an SAE directory's config, training record and evals")
+    i.add_argument("path", nargs="?", help="SAE directory (default: the config's or the shipped SAE)")
+    i.add_argument("--config", help="run config YAML")
+    i.set_defaults(func=cmd_sae_info)
     return p
 
 

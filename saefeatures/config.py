@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from .corpus import CorpusConfig
+from .saes import SAEConfig
 
 
 class ConfigError(ValueError):
@@ -64,6 +65,7 @@ class RunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     corpus: CorpusSource = field(default_factory=CorpusSource)
+    sae: SAEConfig = field(default_factory=SAEConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     smoke_prompt: str = "In one sentence, what is a sparse autoencoder?"
     """A chat message the model answers at the start of a run (a check that generation works)."""
