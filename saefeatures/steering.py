@@ -673,15 +673,24 @@ def _hf_generate(model, enc, max_new_tokens, temperature, top_p, repetition_pena
 
 
 def _tl_generate(model, enc, max_new_tokens, temperature, top_p, min_new_tokens):
-    if enc.attention_mask.shape[0] > 1 and not bool(enc.attention_mask.all()):
-        raise SteeringError("The TransformerLens backend generates batches of equal-length prompts only "
-                            "(TransformerLens masks padding by token id); use batch_size=1 or backend='hf'.")
-    sample = temperature > 0
+    tok = model.tokenizer
     tokens = enc.input_ids.to(model.cfg.device)
-    out = model.generate(tokens, max_new_tokens=max_new_tokens, do_sample=sample,
-                         temperature=temperature if sample else 1.0, top_p=top_p if sample else None,
-                         stop_at_eos=not min_new_tokens, use_past_kv_cache=True, verbose=False,
-                         return_type="tokens", prepend_bos=False)
+    # TransformerLens masks padding by token id: with the tokenizer set to 'left', only leading pad
+    # tokens count, so the chat template's own end tokens (= pad here) stay attended.
+    first = enc.input_ids.gather(1, enc.attention_mask.argmax(1, keepdim=True))
+    if tok.pad_token_id is not None and bool((first == tok.pad_token_id).any()):
+        raise SteeringError("A prompt starts with the pad token, which TransformerLens would mask; "
+                            "use backend='hf' or batch_size=1.")
+    sample = temperature > 0
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        out = model.generate(tokens, max_new_tokens=max_new_tokens, do_sample=sample,
+                             temperature=temperature if sample else 1.0, top_p=top_p if sample else None,
+                             stop_at_eos=not min_new_tokens, use_past_kv_cache=True, verbose=False,
+                             return_type="tokens", prepend_bos=False)
+    finally:
+        tok.padding_side = side
     return out[:, tokens.shape[1]:].cpu()
 
 
@@ -707,3 +716,25 @@ def generate_steered(
         chat (render with the chat template), backend ('hf' or 'tl'), min_new_tokens.
     """
     return [g.text for g in generate_steered_full(model, steering, prompts, **kwargs)]
+
+
+def steer_prompts(
+    model: HookedTransformer,
+    spec: SteeringSpec,
+    prompts: Sequence[str],
+    directions: EmotionDirections | None = None,
+    sae: SAE | None = None,
+    compare: bool = True,
+    **gen_kwargs: Any,
+) -> list[dict[str, str]]:
+    """Steered (and, with ``compare``, unsteered) replies to ``prompts``: what `saefeatures steer` prints.
+
+    Example:
+        >>> steer_prompts(model, SteeringSpec(emotions={"desperate": 0.5}), ["How is it going?"], dirs)
+    """
+    steering = Steering.from_spec(spec, model, directions=directions, sae=sae)
+    out = [{"prompt": p, "steered": t} for p, t in zip(prompts, generate_steered(model, steering, prompts, **gen_kwargs))]
+    if compare:
+        for row, text in zip(out, generate_steered(model, None, prompts, **gen_kwargs)):
+            row["unsteered"] = text
+    return out
