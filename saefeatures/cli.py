@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 from .config import RunConfig, load_config
 
 log = logging.getLogger("saefeatures")
@@ -36,7 +38,8 @@ def cmd_corpus_build(args: argparse.Namespace) -> None:
         build.stories_per_emotion = args.stories_per_emotion
     if args.general_texts is not None:
         build.general_texts = args.general_texts
-    hf, tokenizer, identity = load_hf(cfg.model.name, device=cfg.model.device)
+    hf, tokenizer, identity = load_hf(cfg.model.name, dtype=getattr(torch, build.generation.dtype),
+                                      device=cfg.model.device)
     report = build_corpus(build, args.out, Generator(hf, tokenizer, build.generation), identity.name,
                           skip_corrupt=args.skip_corrupt)
     records = list(read_records(args.out))
@@ -105,6 +108,85 @@ def cmd_sae_info(args: argparse.Namespace) -> None:
     _print(info)
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    from .pipeline import run_study
+
+    run = run_study(_config(args.config), args.out, args.config)
+    _print(run.metrics)
+
+
+def cmd_activations(args: argparse.Namespace) -> None:
+    from .pipeline import open_study, stage_activations
+
+    study = open_study(_config(args.config), args.out, args.config)
+    acts = stage_activations(study)
+    _print({"records": len(acts.ids), "hooks": {k: list(v.shape) for k, v in acts.acts.items()},
+            "dir": str(study.run.path / "activations")})
+
+
+def cmd_directions(args: argparse.Namespace) -> None:
+    from .pipeline import eval_data, open_study, report_directions, stage_activations, stage_dense
+
+    study = open_study(_config(args.config), args.out, args.config)
+    acts = stage_activations(study)
+    if args.recipe != "dense":
+        raise ValueError(f"Unknown recipe '{args.recipe}'; use 'dense' or 'sae'.")
+    dirs = stage_dense(study, acts)
+    if args.directions_command == "eval":
+        report_directions(study, dirs, eval_data(study, acts), "dense")
+        _print(study.run.metrics.get("dense", {}))
+    else:
+        _print({"saved": str(study.run.path / "directions" / "dense"), "emotions": len(dirs.names)})
+
+
+def cmd_geometry(args: argparse.Namespace) -> None:
+    from .directions import EmotionDirections
+    from .geometry import analyze, save_plots
+
+    dirs = EmotionDirections.load(args.directions)
+    geo = analyze(dirs)
+    files = save_plots(geo, args.out or args.directions, title=f"{dirs.recipe} directions, layer {dirs.layer}")
+    _print({**geo.metrics(), "n_rated": geo.n_rated, "files": files})
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from .layer_sweep import format_table, sweep_layers
+
+    cfg = _config(args.config)
+    rows = sweep_layers(cfg, [int(x) for x in args.layers.split(",")], args.out)
+    print(format_table(rows))
+
+
+def cmd_steer(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from .directions import EmotionDirections
+    from .evals.steering import NEUTRAL_PROMPTS
+    from .models import load_model
+    from .saes import load_sae
+    from .steering import parse_assignments, steer_prompts
+
+    cfg = _config(args.config)
+    spec = cfg.steering.spec
+    if args.emotion or args.latent:
+        spec = replace(spec, emotions=parse_assignments(args.emotion or []),
+                       latents=parse_assignments(args.latent or [], int))
+    for key in ("method", "op", "positions", "hook"):
+        if getattr(args, key) is not None:
+            spec = replace(spec, **{key: getattr(args, key)})
+    spec.validate()
+    model = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
+    dirs = EmotionDirections.load(args.directions) if args.directions else None
+    sae = None
+    if args.sae or spec.latents or spec.method == "clamp":
+        layer = dirs.layer if dirs is not None else cfg.model.layer
+        sae = load_sae(args.sae or cfg.sae, model, layer=layer)
+    rows = steer_prompts(model, spec, args.prompt or NEUTRAL_PROMPTS[:2], directions=dirs, sae=sae,
+                         compare=not args.no_compare, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, seed=args.seed, backend=args.backend)
+    _print({"spec": spec.to_dict(), "replies": rows})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="saefeatures", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -152,6 +234,56 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", nargs="?", help="SAE directory (default: the config's or the shipped SAE)")
     i.add_argument("--config", help="run config YAML")
     i.set_defaults(func=cmd_sae_info)
+
+    r = sub.add_parser("run", help="the whole study on one config: corpus -> ... -> report")
+    r.add_argument("config", help="run config YAML, e.g. configs/smollm2-135m.yaml")
+    r.add_argument("--out", required=True, help="run directory (rerun to resume)")
+    r.set_defaults(func=cmd_run)
+
+    a = sub.add_parser("activations", help="pool residual activations of the corpus at the layer")
+    a.add_argument("config")
+    a.add_argument("--out", required=True, help="run directory")
+    a.set_defaults(func=cmd_activations)
+
+    d = sub.add_parser("directions", help="build or evaluate emotion directions")
+    dsub = d.add_subparsers(dest="directions_command", required=True)
+    for name, text in (("build", "build directions from the train split"),
+                       ("eval", "build, then evaluate: geometry, detection, EmoBank")):
+        x = dsub.add_parser(name, help=text)
+        x.add_argument("config")
+        x.add_argument("--out", required=True, help="run directory")
+        x.add_argument("--recipe", default="dense", help="'dense' (DiffMean) or 'sae'")
+        x.set_defaults(func=cmd_directions)
+
+    g = sub.add_parser("geometry", help="PCA of saved directions vs valence/arousal, with plots")
+    g.add_argument("directions", help="a directions directory (RUN/directions/dense)")
+    g.add_argument("--out", help="where to write geometry.png/html (default: the directions directory)")
+    g.set_defaults(func=cmd_geometry)
+
+    w = sub.add_parser("sweep", help="dense directions at several layers: one table to pick the layer")
+    w.add_argument("config")
+    w.add_argument("--layers", required=True, help="comma-separated, e.g. 8,12,16,20,24")
+    w.add_argument("--out", required=True, help="sweep directory (activation shards are cached there)")
+    w.set_defaults(func=cmd_sweep)
+
+    st = sub.add_parser("steer", help="generate with emotion steering: directions added or SAE latents clamped")
+    st.add_argument("--config", help="run config YAML (model, sae, steering.spec)")
+    st.add_argument("--directions", help="directions directory (RUN/directions/dense); needed for --emotion")
+    st.add_argument("--sae", help="SAE directory for clamping (default: the config's / shipped SAE)")
+    st.add_argument("--emotion", action="append", metavar="NAME=S",
+                    help="emotion and strength (x residual norm), repeatable: --emotion desperate=0.5")
+    st.add_argument("--latent", action="append", metavar="ID=V", help="SAE latent and value, repeatable")
+    st.add_argument("--method", choices=["direction", "clamp"], help="add directions or clamp SAE latents")
+    st.add_argument("--op", choices=["set", "add", "scale"], help="how latent values apply")
+    st.add_argument("--positions", choices=["all", "prompt", "generated"], help="token positions steered")
+    st.add_argument("--hook", help="TransformerLens hook name (default: the directions' or SAE's)")
+    st.add_argument("--prompt", action="append", help="chat message to reply to, repeatable")
+    st.add_argument("--max-new-tokens", type=int, default=64)
+    st.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--backend", choices=["hf", "tl"], default="hf", help="hf: fast; tl: TransformerLens reference")
+    st.add_argument("--no-compare", action="store_true", help="skip the unsteered replies")
+    st.set_defaults(func=cmd_steer)
     return p
 
 

@@ -15,8 +15,12 @@ from typing import Any
 
 import yaml
 
+from .activations import ActivationConfig
 from .corpus import CorpusConfig
+from .directions import DirectionConfig
+from .evals.suite import EvalConfig
 from .saes import SAEConfig
+from .evals.steering import SteeringConfig
 
 
 class ConfigError(ValueError):
@@ -65,8 +69,12 @@ class RunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     corpus: CorpusSource = field(default_factory=CorpusSource)
+    activations: ActivationConfig = field(default_factory=ActivationConfig)
+    directions: DirectionConfig = field(default_factory=DirectionConfig)
+    evals: EvalConfig = field(default_factory=EvalConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    steering: SteeringConfig = field(default_factory=SteeringConfig)
     smoke_prompt: str = "In one sentence, what is a sparse autoencoder?"
     """A chat message the model answers at the start of a run (a check that generation works)."""
 

@@ -28,7 +28,7 @@ class GenerationConfig:
     batch_size: int = 24
     """Prompts generated together."""
     dtype: str = "bfloat16"
-    """Dtype of the generating model (bfloat16 is ~1.5x faster on CPUs with bf16 units)."""
+    """Dtype the generating model is loaded in (bfloat16 is ~1.5x faster on CPUs with bf16 units)."""
     ban_words: bool = True
     """Forbid the emotion's own word forms while decoding (the filter still checks)."""
 
@@ -48,9 +48,6 @@ class Generator:
     hf: Any
     tokenizer: Any
     config: GenerationConfig = field(default_factory=GenerationConfig)
-
-    def __post_init__(self) -> None:
-        self.hf = self.hf.to(getattr(torch, self.config.dtype)).eval()
 
     def render(self, user_prompt: str) -> str:
         messages = [{"role": "user", "content": user_prompt}]

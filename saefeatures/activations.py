@@ -1,0 +1,271 @@
+"""Residual-stream activations over a corpus, pooled per record, streamed to safetensors shards.
+
+The forward pass stops after the deepest needed layer, caches only the needed hooks, runs in
+bfloat16 where asked, and batches records of similar length so little is spent on padding (right
+padding needs no attention mask in a causal model: pads only follow the real tokens). Each record
+is pooled over its content tokens: the first token (an attention sink with ~100x the norm of the
+others) and optionally the next ``skip_first`` tokens are left out, as is padding.
+
+Example:
+    >>> acts = collect_pooled(model, records, ActivationConfig(layers=[20]), out_dir="runs/x/acts")
+    >>> acts["blocks.20.hook_resid_post"].shape   # (n_records, d_model)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from jaxtyping import Float, Int
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from .models import check_layer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ActivationConfig:
+    """How activations are collected and pooled."""
+
+    layers: list[int] = field(default_factory=list)
+    """Layers to collect; empty means the run's model layer."""
+    hook: str = "hook_resid_post"
+    """TransformerLens hook name within each block."""
+    dtype: str = "bfloat16"
+    """Compute dtype of the forward pass ('bfloat16' or 'float32')."""
+    batch_tokens: int = 4096
+    """Padded tokens per forward batch (batch size x longest record)."""
+    max_tokens: int = 256
+    """Records are truncated to this many tokens."""
+    skip_first: int = 0
+    """Content tokens left out after the first (the paper pools from later tokens on)."""
+    shard_records: int = 1024
+    """Records per safetensors shard (each shard is one unit of resume)."""
+
+
+def hook_name(layer: int, hook: str = "hook_resid_post") -> str:
+    return f"blocks.{layer}.{hook}"
+
+
+def with_dtype(model: HookedTransformer, dtype: str | torch.dtype) -> HookedTransformer:
+    """The model in ``dtype``: itself if already so, else a cast copy (the original is untouched)."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if model.cfg.dtype == dtype:
+        return model
+    cfg = model.cfg.to_dict()
+    cfg["dtype"] = dtype
+    from transformer_lens import HookedTransformerConfig
+
+    copy = HookedTransformer(HookedTransformerConfig(**cfg), tokenizer=None, move_to_device=False)
+    # Parameters only: buffers (rotary tables, masks) are rebuilt by the constructor in `dtype`.
+    copy.load_state_dict({k: v.to(dtype) for k, v in model.named_parameters()}, strict=False)
+    copy.tokenizer = model.tokenizer
+    for attr in ("_saefeatures_identity",):
+        if hasattr(model, attr):
+            object.__setattr__(copy, attr, getattr(model, attr))
+    return copy.to(model.cfg.device).eval()
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded tokens of records of similar length."""
+
+    ids: list[str]
+    tokens: Int[Tensor, "batch pos"]
+    lengths: Int[Tensor, " batch"]
+
+    def content_mask(self, skip_first: int = 0) -> torch.Tensor:
+        """True at positions pooled: after the first token (+ skip_first), before the padding."""
+        pos = torch.arange(self.tokens.shape[1])
+        return (pos[None, :] >= 1 + skip_first) & (pos[None, :] < self.lengths[:, None])
+
+
+def tokenize_texts(tokenizer, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
+    """Token ids of each text alone (no template, no special tokens), truncated."""
+    enc = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens)
+    return enc["input_ids"]
+
+
+def iter_batches(
+    tokenizer, ids: Sequence[str], texts: Sequence[str], batch_tokens: int, max_tokens: int
+) -> Iterator[TokenBatch]:
+    """Length-bucketed batches: records sorted by length, cut where padded size would exceed budget."""
+    toks = tokenize_texts(tokenizer, texts, max_tokens)
+    order = sorted(range(len(toks)), key=lambda i: len(toks[i]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end - start + 1) * len(toks[order[end]]) <= batch_tokens:
+            end += 1
+        chunk = order[start:end]
+        width = max(len(toks[i]) for i in chunk)
+        tokens = torch.full((len(chunk), width), pad, dtype=torch.long)
+        for row, i in enumerate(chunk):
+            tokens[row, : len(toks[i])] = torch.tensor(toks[i])
+        yield TokenBatch([ids[i] for i in chunk], tokens, torch.tensor([len(toks[i]) for i in chunk]))
+        start = end
+
+
+@torch.inference_mode()
+def forward_hooks(
+    model: HookedTransformer, tokens: Tensor, names: Sequence[str]
+) -> dict[str, Float[Tensor, "batch pos d_model"]]:
+    """Activations at ``names`` only, stopping the forward pass after the deepest block needed."""
+    deepest = max(int(n.split(".")[1]) for n in names)
+    store: dict[str, Tensor] = {}
+
+    def save(act: Tensor, hook) -> None:
+        store[hook.name] = act
+
+    model.run_with_hooks(
+        tokens.to(model.cfg.device), fwd_hooks=[(n, save) for n in names], stop_at_layer=deepest + 1,
+        return_type=None,
+    )
+    return store
+
+
+def pool_batch(acts: Tensor, mask: Tensor) -> Float[Tensor, "batch d_model"]:
+    """Mean of ``acts`` over the masked positions, in float32."""
+    m = mask.to(acts.device, torch.float32)[..., None]
+    return (acts.float() * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+@dataclass
+class PooledActivations:
+    """Pooled activations of records: ``acts[hook]`` is (n_records, d_model), rows in ``ids`` order."""
+
+    ids: list[str]
+    acts: dict[str, Float[Tensor, "n d_model"]]
+
+    def __getitem__(self, hook: str) -> Tensor:
+        if hook not in self.acts:
+            raise KeyError(f"No activations for {hook}; collected: {sorted(self.acts)}")
+        return self.acts[hook]
+
+    def rows(self, ids: Iterable[str]) -> torch.Tensor:
+        index = {i: n for n, i in enumerate(self.ids)}
+        return torch.tensor([index[i] for i in ids], dtype=torch.long)
+
+    def subset(self, ids: Sequence[str]) -> "PooledActivations":
+        rows = self.rows(ids)
+        return PooledActivations(list(ids), {k: v[rows] for k, v in self.acts.items()})
+
+    @classmethod
+    def load(cls, out_dir: Path | str) -> "PooledActivations":
+        return _read_shards(Path(out_dir))
+
+
+def _shard_paths(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.glob("shard-*.safetensors"))
+
+
+def _read_shards(out_dir: Path) -> PooledActivations:
+    ids: list[str] = []
+    parts: dict[str, list[Tensor]] = {}
+    for path in _shard_paths(out_dir):
+        with safe_open(str(path), framework="pt") as f:
+            ids += json.loads(f.metadata()["ids"])
+            for k in f.keys():
+                parts.setdefault(k, []).append(f.get_tensor(k))
+    return PooledActivations(ids, {k: torch.cat(v) for k, v in parts.items()})
+
+
+def _write_shard(out_dir: Path, index: int, ids: list[str], acts: dict[str, Tensor]) -> None:
+    path = out_dir / f"shard-{index:05d}.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in acts.items()}, str(tmp), metadata={"ids": json.dumps(ids)})
+    os.replace(tmp, path)
+
+
+def collect_pooled(
+    model: HookedTransformer,
+    records: Sequence,
+    cfg: ActivationConfig,
+    out_dir: Path | str | None = None,
+    layers: Sequence[int] | None = None,
+    desc: str = "activations",
+) -> PooledActivations:
+    """Pool activations of every record (objects with ``.id`` and ``.text``) at the chosen layers.
+
+    With ``out_dir`` the pooled rows go to safetensors shards as they are computed and a rerun
+    resumes after the last complete shard. Memory is bounded by one shard, not the corpus.
+    """
+    layers = list(layers or cfg.layers)
+    if not layers:
+        raise ValueError("No layers to collect: set activations.layers or model.layer.")
+    for layer in layers:
+        check_layer(model, layer)
+    names = [hook_name(layer, cfg.hook) for layer in layers]
+    out = Path(out_dir) if out_dir is not None else None
+    done: set[str] = set()
+    shard_index = 0
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        _check_meta(out, names, cfg)
+        for path in _shard_paths(out):
+            with safe_open(str(path), framework="pt") as f:
+                done.update(json.loads(f.metadata()["ids"]))
+                missing = set(names) - set(f.keys())
+            if missing:
+                raise ValueError(f"{path} lacks {sorted(missing)}; delete {out} to recollect.")
+            shard_index += 1
+    todo = [r for r in records if r.id not in done]
+    if done:
+        log.info("%s: %d records already pooled in %s, %d to go", desc, len(done), out, len(todo))
+    run_model = with_dtype(model, cfg.dtype)
+    buf_ids: list[str] = []
+    buf: dict[str, list[Tensor]] = {n: [] for n in names}
+    mem_ids: list[str] = []
+    mem: dict[str, list[Tensor]] = {n: [] for n in names}
+
+    def flush() -> None:
+        nonlocal shard_index, buf_ids, buf
+        if out is not None and buf_ids:
+            _write_shard(out, shard_index, buf_ids, {n: torch.cat(v) for n, v in buf.items()})
+            shard_index += 1
+        else:
+            mem_ids.extend(buf_ids)
+            for n, v in buf.items():
+                mem[n].extend(v)
+        buf_ids, buf = [], {n: [] for n in names}
+
+    # Batches are formed within each shard-sized chunk so a shard holds whole batches.
+    for start in tqdm(range(0, len(todo), cfg.shard_records), desc=desc, unit="shard",
+                      disable=len(todo) <= cfg.shard_records):
+        chunk = todo[start : start + cfg.shard_records]
+        for batch in iter_batches(model.tokenizer, [r.id for r in chunk], [r.text for r in chunk],
+                                  cfg.batch_tokens, cfg.max_tokens):
+            acts = forward_hooks(run_model, batch.tokens, names)
+            mask = batch.content_mask(cfg.skip_first)
+            buf_ids.extend(batch.ids)
+            for n in names:
+                buf[n].append(pool_batch(acts[n], mask).cpu())
+        flush()
+    if out is None:
+        pooled = PooledActivations(mem_ids, {n: torch.cat(v) for n, v in mem.items()})
+    else:
+        pooled = _read_shards(out)
+    return pooled.subset([r.id for r in records])
+
+
+def _check_meta(out: Path, names: list[str], cfg: ActivationConfig) -> None:
+    """Refuse to resume into a directory collected with different settings."""
+    meta = {"hooks": names, "dtype": cfg.dtype, "max_tokens": cfg.max_tokens, "skip_first": cfg.skip_first}
+    path = out / "collection.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != meta:
+            raise ValueError(f"{out} was collected with {old}, not {meta}; use another directory or delete it.")
+    else:
+        path.write_text(json.dumps(meta, indent=2))

