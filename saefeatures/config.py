@@ -17,8 +17,10 @@ import yaml
 
 from .activations import ActivationConfig
 from .corpus import CorpusConfig
-from .directions import DirectionConfig
+from .directions import DirectionConfig, SAERecipeConfig
+from .evals.probes import ProbeConfig
 from .evals.suite import EvalConfig
+from .scoring import ScoringConfig
 from .saes import SAEConfig
 from .evals.steering import SteeringConfig
 
@@ -52,6 +54,39 @@ class CorpusSource:
 
 
 @dataclass
+class SAEDirectionsConfig:
+    """SAE-assembled directions, output scores and feature cards."""
+
+    recipe: SAERecipeConfig = field(default_factory=SAERecipeConfig)
+    main_k: int = 16
+    """The k whose directions are saved as RUN/directions/sae and used for cards and steering."""
+    use_output_scores: bool = True
+    """Measure what each candidate latent writes (clamp effects) for rank_by='output' / output_filter."""
+    output_candidates: int = 16
+    """Per emotion, the top latents by AUROC whose output effect is measured."""
+    clamp_scale: float = 1.0
+    """Candidates are clamped to this multiple of their largest corpus activation."""
+    cards_per_emotion: int = 2
+    """Feature cards per emotion (its highest-weighted latents)."""
+    card_snippets: int = 3
+    """Top-activating snippets per card."""
+
+
+@dataclass
+class MonitorConfig:
+    """Example traces and alarms in the run report."""
+
+    emotions: list[str] = field(default_factory=lambda: ["afraid", "desperate", "calm"])
+    """Emotions plotted in the example traces (the first one in the heat-maps)."""
+    calibration_texts: int = 60
+    """Neutral test texts whose token projections set the z-score baseline."""
+    alarm_z: float = 3.0
+    """Alarm when the rolling z-score vs neutral text exceeds this."""
+    window: int = 4
+    """Rolling window in tokens."""
+
+
+@dataclass
 class TrackingConfig:
     """wandb logging; offline unless asked."""
 
@@ -72,6 +107,10 @@ class RunConfig:
     activations: ActivationConfig = field(default_factory=ActivationConfig)
     directions: DirectionConfig = field(default_factory=DirectionConfig)
     evals: EvalConfig = field(default_factory=EvalConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    sae_directions: SAEDirectionsConfig = field(default_factory=SAEDirectionsConfig)
+    probes: ProbeConfig = field(default_factory=ProbeConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     steering: SteeringConfig = field(default_factory=SteeringConfig)

@@ -1,12 +1,14 @@
 """`saefeatures run`: the whole study as a chain of cached stages over one run directory.
 
-model -> corpus -> activations -> dense directions -> evaluations (geometry, detection, EmoBank).
-Each stage reads the artifacts of the one before from disk, so a rerun skips finished stages and
-an interrupted one resumes.
+model -> corpus -> activations -> dense directions -> SAE -> latent scores -> SAE directions ->
+evaluations (geometry, detection, EmoBank) -> feature cards -> probes and monitor -> steering ->
+report. Each stage writes its artifacts to the run directory; a rerun skips stages whose inputs
+did not change, and an interrupted one resumes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -20,13 +22,14 @@ from . import config as config_mod
 from .activations import PooledActivations, collect_pooled, hook_name
 from .config import RunConfig
 from .corpus import DEFAULT_CORPUS, corpus_stats, load_corpus
-from .directions import EmotionDirections, build_dense
+from .directions import EmotionDirections, build_dense, build_sae
 from .evals.emobank import load_emobank
 from .evals.suite import DirectionReport, EvalData, evaluate_directions
 from .geometry import save_plots
 from .models import check_layer, default_layer, load_model, model_identity, sha256_file
-from .rundir import RunDir, key_of, package_versions
-from .rundir import write_json
+from .rundir import RunDir, key_of, package_versions, write_json
+from .scoring import LatentScores, score_latents
+from .tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +142,189 @@ def open_study(cfg: RunConfig, out: Path | str, config_path: str | None = None) 
     return study
 
 
+def stage_sae(study: Study):
+    """Load (or train, then load) the SAE per the config, and record its quality on held-out text."""
+    from .sae_training import evaluate_run_sae
+    from .saes import prepare_sae
+
+    with study.run.stage("sae_load"):
+        sae = prepare_sae(study.cfg, study.model, study.run.path)
+    path = study.run.path / "sae_evals.json"
+    key = key_of(study.corpus_key, study.layer, sae.cfg.d_sae, float(sae.W_dec.detach().double().sum()),
+                 config_mod.to_dict(study.cfg.sae.eval))
+    if not study.run.is_done("sae_eval", key, (path,)):
+        with study.run.stage("sae_eval", key):
+            evals = evaluate_run_sae(study.cfg, sae_path=_sae_dir(sae, study), model=study.model, save_to=path)
+    metrics = json.loads(path.read_text())["metrics"]
+    study.run.record("", {k: v for k, v in metrics.items() if k.startswith("sae.")})
+    study.run.manifest["sae"] = {"hook": sae.cfg.metadata.hook_name, "d_sae": sae.cfg.d_sae,
+                                 "architecture": sae.cfg.architecture(), "source": study.cfg.sae.source,
+                                 "path": _sae_dir(sae, study)}
+    return sae
+
+
+def _sae_dir(sae, study: Study) -> str | None:
+    from .saes import shipped_sae_dir
+
+    cfg = study.cfg.sae
+    if cfg.source == "local":
+        return cfg.path or str(shipped_sae_dir(study.cfg.model.name, study.layer))
+    if cfg.source == "train":
+        return cfg.train.out or str(study.run.path / "sae-train" / "sae")
+    return None
+
+
+def stage_scores(study: Study, sae) -> LatentScores:
+    cfg = study.cfg.scoring
+    records = [r for r in study.records if r.split == cfg.split]
+    out = study.run.path / "scores"
+    key = key_of(study.corpus_key, study.layer, float(sae.W_dec.detach().double().sum()), config_mod.to_dict(cfg))
+    if not study.run.is_done("scoring", key, (out / "scores.json",)):
+        with study.run.stage("scoring", key):
+            score_latents(study.model, sae, records, cfg).save(out)
+    return LatentScores.load(out)
+
+
+def stage_output_scores(study: Study, sae, scores: LatentScores) -> torch.Tensor:
+    """Output scores of each emotion's top candidates (by AUROC), cached in scores/output.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    from .latent_effects import output_scores
+
+    cfg = study.cfg.sae_directions
+    path = study.run.path / "scores" / "output.safetensors"
+    au = scores.auroc()
+    n = min(cfg.output_candidates, scores.n_latents)
+    candidates = sorted({int(i) for c, name in enumerate(scores.classes) if name != "neutral"
+                         for i in au[c].topk(n).indices})
+    key = key_of(study.run.manifest["stages"].get("scoring", {}).get("key"), candidates, cfg.clamp_scale)
+    if not study.run.is_done("output_scores", key, (path,)):
+        with study.run.stage("output_scores", key):
+            save_file({"output": output_scores(study.model, sae, scores, candidates, cfg.clamp_scale)}, str(path))
+    return load_file(str(path))["output"]
+
+
+def stage_sae_directions(study: Study, sae, scores: LatentScores, dense: EmotionDirections,
+                         data: EvalData) -> dict[int, EmotionDirections]:
+    from .geometry import direction_cosines
+
+    cfg = study.cfg.sae_directions
+    output = stage_output_scores(study, sae, scores) if cfg.use_output_scores else None
+    if output is not None:
+        # what the latents that are read also write: share of each emotion's top-k by AUROC whose
+        # clamping raises the emotion's own words
+        au = scores.auroc()
+        rows = [scores.index(n) for n in scores.classes if n != "neutral"]
+        top = au[rows].topk(min(cfg.main_k, scores.n_latents), dim=1).indices
+        study.run.record("sae", {"output_positive_fraction": float((output[rows].gather(1, top) > 0).float().mean())})
+    out = {}
+    for k in cfg.recipe.ks:
+        with study.run.stage(f"directions_sae_k{k}"):
+            dirs = build_sae(scores, sae.W_dec, k, study.layer, dense, cfg.recipe, output)
+            dirs.metadata.update({"model": model_identity(study.model).name, "corpus": study.corpus_key,
+                                  "sae": study.run.manifest.get("sae", {}).get("path")})
+            dirs.save(study.run.path / "directions" / f"sae-k{k}")
+            if k == cfg.main_k:
+                dirs.save(study.run.path / "directions" / "sae")
+        report_directions(study, dirs, data, f"sae.k{k}")
+        cos = direction_cosines(dirs, dense)
+        study.run.record(f"sae.k{k}", {"cosine_to_dense_median": float(np.median(list(cos.values())))})
+        out[k] = dirs
+    return out
+
+
+def stage_cards(study: Study, sae, scores: LatentScores, dirs: EmotionDirections, tracker: Tracker) -> None:
+    from .feature_cards import build_cards, cards_page, cards_tables
+
+    cfg = study.cfg.sae_directions
+    path = study.run.path / "figures" / "cards.json"
+    with study.run.stage("feature_cards"):
+        cards = build_cards(study.model, sae, scores, dirs, study.records, per_emotion=cfg.cards_per_emotion,
+                            snippets=cfg.card_snippets)
+        write_json(path, [c.to_dict() for c in cards])
+        (path.parent / "cards.html").write_text(cards_page(cards, f"Feature cards, layer {study.layer}"))
+        for name, (cols, rows) in cards_tables(cards).items():
+            tracker.log_table(f"feature_cards/{name}", cols, rows)
+
+
+def stage_probes(study: Study, dense: EmotionDirections) -> None:
+    import matplotlib.pyplot as plt
+
+    from .evals.probes import probe_metrics, run_probes, tylenol_figure
+
+    figs = study.run.path / "figures" / "probes"
+    figs.mkdir(parents=True, exist_ok=True)
+    with study.run.stage("probes"):
+        results = run_probes(study.model, dense, study.cfg.probes)
+        write_json(figs / "probes.json", results)
+        study.run.record("probes", probe_metrics(results))
+        fig = tylenol_figure(results["tylenol"])
+        fig.savefig(figs / "tylenol.png", dpi=100)
+        plt.close(fig)
+
+
+def stage_monitor(study: Study, dense: EmotionDirections) -> None:
+    """Calibrate alarms on neutral test texts and render example traces for the report."""
+    import matplotlib.pyplot as plt
+
+    from .evals.probes import DISTRESS, FRIGHTENED_STORY, NEUTRAL_REQUEST, TYLENOL_TEMPLATES
+    from .monitor import alarms, calibrate, trace_chat, trace_figure, trace_html
+
+    cfg = study.cfg.monitor
+    figs = study.run.path / "figures" / "monitor"
+    figs.mkdir(parents=True, exist_ok=True)
+    with study.run.stage("monitor"):
+        neutral = [r.text for r in study.records if r.emotion == "neutral" and r.split == "test"][: cfg.calibration_texts]
+        calib = calibrate(study.model, dense, neutral)
+        calib.save(study.run.path / "directions" / "dense" / "calibration.json")
+        examples = {
+            "tylenol_16000mg": [{"role": "user", "content": TYLENOL_TEMPLATES[0].format(dose=16000)}],
+            "distress_then_calm_reply": DISTRESS,
+            "frightened_story_then_request": [{"role": "user", "content": FRIGHTENED_STORY},
+                                              {"role": "assistant", "content": "Mara is alone on dark stairs."},
+                                              {"role": "user", "content": NEUTRAL_REQUEST}],
+        }
+        fired = {}
+        for name, chat in examples.items():
+            trace = trace_chat(study.model, dense, chat)
+            fig = trace_figure(trace, cfg.emotions, calib, window=cfg.window)
+            fig.savefig(figs / f"{name}.png", dpi=90)
+            plt.close(fig)
+            (figs / f"{name}.html").write_text(trace_html(trace, cfg.emotions[0], calib))
+            fired[name] = len(alarms(trace, calib, cfg.emotions, cfg.alarm_z, cfg.window))
+        study.run.record("monitor", {"calibration_tokens": float(calib.n_tokens),
+                                     **{f"alarms_{k}": float(v) for k, v in fired.items()}})
+
+
 def run_study(cfg: RunConfig, out: Path | str, config_path: str | None = None) -> RunDir:
     """Run every stage of the study into ``out``; returns the run directory."""
+    from .evals.steering import stage_steering
+    from .report import write_report
+
     t0 = time.perf_counter()
     study = open_study(cfg, out, config_path)
-    acts = stage_activations(study)
-    data = eval_data(study, acts)
-    dense = stage_dense(study, acts)
-    report_directions(study, dense, data, "dense")
-    set_total(study.run, t0)
+    tracker = Tracker(cfg.tracking, study.run.path, config_mod.to_dict(cfg), name=Path(out).name)
+    with tracker:
+        acts = stage_activations(study)
+        data = eval_data(study, acts)
+        dense = stage_dense(study, acts)
+        report_directions(study, dense, data, "dense")
+        sae = stage_sae(study)
+        scores = stage_scores(study, sae)
+        sae_dirs = stage_sae_directions(study, sae, scores, dense, data)
+        main = sae_dirs.get(cfg.sae_directions.main_k) or next(iter(sae_dirs.values()))
+        stage_cards(study, sae, scores, main, tracker)
+        stage_probes(study, dense)
+        stage_monitor(study, dense)
+        stage_steering(study, {"dense": dense, "sae": main}, sae)
+        with study.run.stage("report"):
+            path = write_report(study.run.path)
+        set_total(study.run, t0)
+        write_report(study.run.path)
+        tracker.log_metrics(study.run.metrics)
+        for png in sorted((study.run.path / "figures").rglob("*.png")):
+            tracker.log_image(str(png.relative_to(study.run.path / "figures").with_suffix("")), png)
+        tracker.log_html("report", path.read_text())
     return study.run
 
 
