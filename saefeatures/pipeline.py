@@ -8,7 +8,6 @@ did not change, and an interrupted one resumes.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -145,7 +144,7 @@ def open_study(cfg: RunConfig, out: Path | str, config_path: str | None = None) 
 def stage_sae(study: Study):
     """Load (or train, then load) the SAE per the config, and record its quality on held-out text."""
     from .sae_training import evaluate_run_sae
-    from .saes import prepare_sae
+    from .saes import SAEEvals, prepare_sae
 
     with study.run.stage("sae_load"):
         sae = prepare_sae(study.cfg, study.model, study.run.path)
@@ -154,9 +153,10 @@ def stage_sae(study: Study):
                  config_mod.to_dict(study.cfg.sae.eval))
     if not study.run.is_done("sae_eval", key, (path,)):
         with study.run.stage("sae_eval", key):
-            evals = evaluate_run_sae(study.cfg, sae_path=_sae_dir(sae, study), model=study.model, save_to=path)
-    metrics = json.loads(path.read_text())["metrics"]
-    study.run.record("", {k: v for k, v in metrics.items() if k.startswith("sae.")})
+            evaluate_run_sae(study.cfg, sae_path=_sae_dir(sae, study), model=study.model, save_to=path)
+    evals = SAEEvals.load(path)
+    study.run.record("", {**evals.metrics(), "sae.dense_fraction": evals.dense_fraction,
+                          "sae.ce_loss_recovered_with_error_term": evals.ce_loss_recovered_with_error_term})
     study.run.manifest["sae"] = {"hook": sae.cfg.metadata.hook_name, "d_sae": sae.cfg.d_sae,
                                  "architecture": sae.cfg.architecture(), "source": study.cfg.sae.source,
                                  "path": _sae_dir(sae, study)}

@@ -89,16 +89,21 @@ class SteeringConfig:
     """Latents per emotion when the directions list none (nearest SAE decoder vectors)."""
     positions: str = "all"
     """Positions steered in the dose-response: 'all', 'prompt' or 'generated'."""
-    prompts: list[str] = field(default_factory=lambda: list(NEUTRAL_PROMPTS[:6]))
+    prompts: list[str] = field(default_factory=lambda: list(NEUTRAL_PROMPTS))
     """Neutral chat prompts continued at every strength."""
+    samples_per_prompt: int = 2
+    """Continuations sampled per prompt and strength."""
     max_new_tokens: int = 40
     """Tokens generated per continuation."""
-    temperature: float = 0.0
-    """0: greedy (the same prompts give the same text unless steering changes it)."""
+    temperature: float = 0.8
+    """Sampling temperature (0: greedy; greedy text is the model's mode, so its perplexity is an
+    unfairly low reference for the fluency ratio)."""
+    top_p: float = 0.95
+    """Nucleus sampling mass."""
     repetition_penalty: float = 1.0
     """transformers' repetition penalty while generating (1: none)."""
-    batch_size: int = 30
-    """Continuations generated together (one curve of 5 strengths x 6 prompts fits)."""
+    batch_size: int = 40
+    """Continuations generated together."""
     ppl_limit: float = 2.0
     """Fluency breaks where perplexity exceeds this multiple of the unsteered perplexity."""
     preference: bool = True
@@ -112,7 +117,7 @@ class SteeringConfig:
     preference_pairs: int = 6
     """Comparisons per activity (pairs are drawn at random, each shown in both orders)."""
     preference_activities: int = 0
-    """Use only the first N activities (0: all 44); a smaller budget for quick runs."""
+    """Use N activities spread over the list (0: all 44); a smaller budget for quick runs."""
     pressure: bool = True
     """Run the impossible-task pressure probe."""
     seed: int = 0
@@ -247,8 +252,13 @@ class Curve:
         fluent = [p for p in self.points if p.ppl_ratio < ppl_limit]
         broken = [p.strength for p in self.points if p.ppl_ratio >= ppl_limit]
         fl = [p.strength for p in fluent]
+        rated = emo.get(self.emotion).valence if self.emotion in emo.NAMES else None
+        sign = None if rated is None else (1.0 if rated > 5 else -1.0)
+        rho = _spearman(s, [p.valence for p in self.points])
         return {
-            "judge_valence_spearman": _spearman(s, [p.valence for p in self.points]),
+            "judge_valence_spearman": rho,
+            "expected_valence_sign": sign,
+            "judge_valence_spearman_aligned": None if rho is None or sign is None else rho * sign,
             "judge_arousal_spearman": _spearman(s, [p.arousal for p in self.points]),
             "projection_spearman": _spearman(s, [p.projection for p in self.points]),
             "ppl_spearman": _spearman(s, [p.ppl_ratio for p in self.points]),
@@ -295,8 +305,8 @@ def dose_response(
     strengths = sorted(cfg.strengths)
     if len(strengths) < 2 or strengths[0] != 0:
         raise SteeringError("steering.strengths must start at 0 (the unsteered baseline) and hold more values.")
-    prompts = list(cfg.prompts)
-    gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+    prompts = [p for p in cfg.prompts for _ in range(cfg.samples_per_prompt)]
+    gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
                       repetition_penalty=cfg.repetition_penalty, batch_size=cfg.batch_size, backend="hf")
     t0 = time.perf_counter()
     base = generate_steered_full(model, None, prompts, **gen_kwargs)
@@ -380,6 +390,13 @@ class PreferenceResult:
             out["preference_winrate_spearman"] = _spearman(self.projections[self.positive], self.win_rate)
         out["preference_winrate_tone_spearman"] = _spearman(self.tones, self.win_rate)
         return out
+
+
+def spread(items: Sequence[Any], n: int) -> list[Any]:
+    """``n`` items evenly spread over ``items`` (all of them when n is 0 or too large)."""
+    if not n or n >= len(items):
+        return list(items)
+    return [items[round(k * (len(items) - 1) / (n - 1))] for k in range(n)] if n > 1 else [items[0]]
 
 
 def preference_pairs(n: int, per_activity: int, seed: int) -> list[tuple[int, int]]:
@@ -640,8 +657,7 @@ def run_steering_evals(
         if missing:
             log.warning("steering: preference skipped, %s not in the directions", missing)
         else:
-            acts = ACTIVITIES[: cfg.preference_activities] if cfg.preference_activities else ACTIVITIES
-            pref = preference_eval(model, reader, reader, cfg, norm, activities=acts)
+            pref = preference_eval(model, reader, reader, cfg, norm, activities=spread(ACTIVITIES, cfg.preference_activities))
             log.info("steering: preference done (%.0f s in all)", time.perf_counter() - t0)
     pres = None
     if cfg.pressure:
@@ -742,8 +758,9 @@ def log_steering_wandb(result: SteeringResult, plots: dict[str, str], project: s
         return
     import wandb
 
-    run = wandb.init(project=project, mode=mode, job_type="steering", dir=str(run_dir) if run_dir else None,
-                     config={"hook": result.hook, "residual_norm": result.norm}, reinit="finish_previous")
+    active = wandb.run  # inside `saefeatures run` the study's own wandb run is open: log into it
+    run = active or wandb.init(project=project, mode=mode, job_type="steering", dir=str(run_dir) if run_dir else None,
+                               config={"hook": result.hook, "residual_norm": result.norm})
     try:
         flat: dict[str, Any] = {}
 
@@ -762,7 +779,8 @@ def log_steering_wandb(result: SteeringResult, plots: dict[str, str], project: s
         run.log({**flat, "steering/curves": table,
                  **{f"steering/{k}": wandb.Image(v) for k, v in plots.items()}})
     finally:
-        run.finish()
+        if active is None:
+            run.finish()
 
 
 def stage_steering(study: Any, dirs_by_recipe: dict[str, EmotionDirections], sae: Any = None) -> SteeringResult | None:
