@@ -363,8 +363,10 @@ def build_corpus(
             text = clean_text(raw)
             reason = drop_reason(text, planned.emotion, cfg.min_words)
             report.generated += 1
-            report.dropped[reason] += reason is not None
-            report.kept += reason is None
+            if reason:
+                report.dropped[reason] += 1
+            else:
+                report.kept += 1
             records.append(CorpusRecord(
                 id=planned.id, emotion=planned.emotion, topic=planned.topic, kind=planned.kind,
                 split=planned.split, prompt=planned.prompt, text=text, model_id=model_id, seed=seed,

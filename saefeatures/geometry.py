@@ -110,8 +110,10 @@ def valence_arousal_figure(geo: Geometry, title: str = "") -> Any:
 
     fig, ax = plt.subplots(figsize=(11, 9))
     val = np.array([emo.get(n).valence if n in emo.NAMES and emo.get(n).valence else np.nan for n in geo.names])
-    sc = ax.scatter(geo.scores[:, 0], geo.scores[:, 1], c=val, cmap="coolwarm_r", vmin=1.5, vmax=8.5, s=22,
-                    edgecolors="k", linewidths=0.3)
+    rated = ~np.isnan(val)
+    sc = ax.scatter(geo.scores[rated, 0], geo.scores[rated, 1], c=val[rated], cmap="coolwarm_r", vmin=1.5,
+                    vmax=8.5, s=22, edgecolors="k", linewidths=0.3)
+    ax.scatter(geo.scores[~rated, 0], geo.scores[~rated, 1], c="lightgrey", s=22, edgecolors="k", linewidths=0.3)
     for i, n in enumerate(geo.names):
         ax.annotate(n, (geo.scores[i, 0], geo.scores[i, 1]), fontsize=6.5, alpha=0.85,
                     xytext=(2, 2), textcoords="offset points")

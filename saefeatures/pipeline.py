@@ -118,13 +118,14 @@ def report_directions(study: Study, dirs: EmotionDirections, data: EvalData, sec
     return rep
 
 
-def open_study(cfg: RunConfig, out: Path | str, config_path: str | None = None) -> Study:
-    """Load the model (with a smoke reply) and the corpus, and open the run directory."""
+def open_study(cfg: RunConfig, out: Path | str, config_path: str | None = None, model=None) -> Study:
+    """Load the model (unless given; with a smoke reply) and the corpus, and open the run directory."""
     run = RunDir.open(out)
     run.manifest.update({"config": config_mod.to_dict(cfg), "config_path": config_path,
                          "packages": package_versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     with run.stage("model"):
-        model = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
+        if model is None:
+            model = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
     identity = model_identity(model)
     layer = cfg.model.layer if cfg.model.layer is not None else default_layer(cfg.model.name, model.cfg.n_layers)
     check_layer(model, layer)
@@ -296,13 +297,18 @@ def stage_monitor(study: Study, dense: EmotionDirections) -> None:
                                      **{f"alarms_{k}": float(v) for k, v in fired.items()}})
 
 
-def run_study(cfg: RunConfig, out: Path | str, config_path: str | None = None) -> RunDir:
-    """Run every stage of the study into ``out``; returns the run directory."""
+def run_study(cfg: RunConfig, out: Path | str, config_path: str | None = None, model=None) -> RunDir:
+    """Run every stage of the study into ``out`` (reusing ``model`` if given); returns the run directory.
+
+    Example:
+        >>> run = run_study(load_config("configs/smollm2-135m.yaml"), "runs/smollm2-135m")
+        >>> run.metrics["dense"]["valence_r"]
+    """
     from .evals.steering import stage_steering
     from .report import write_report
 
     t0 = time.perf_counter()
-    study = open_study(cfg, out, config_path)
+    study = open_study(cfg, out, config_path, model)
     tracker = Tracker(cfg.tracking, study.run.path, config_mod.to_dict(cfg), name=Path(out).name)
     with tracker:
         acts = stage_activations(study)

@@ -1,0 +1,83 @@
+"""End to end: `run_study` on a small slice of the shipped corpus with the shipped SAE."""
+
+import json
+
+import pytest
+
+from saefeatures.config import RunConfig, from_dict
+from saefeatures.corpus import load_corpus
+from saefeatures.directions import EmotionDirections
+from saefeatures.pipeline import run_study
+
+EMOTIONS = ("happy", "sad", "afraid", "calm", "angry", "grateful", "bored", "proud", "desperate", "excited")
+
+
+@pytest.fixture(scope="module")
+def small_run(model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    records = load_corpus()
+    small = [r for r in records if r.emotion in EMOTIONS]
+    small += [r for r in records if r.emotion == "neutral"][::8]
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(r.to_json() + "\n" for r in small))
+    cfg = from_dict(RunConfig, {
+        "corpus": {"path": str(corpus)},
+        "evals": {"emobank_limit": 150},
+        "sae": {"eval": {"max_tokens": 2048, "ce_tokens": 512}},
+        "sae_directions": {"recipe": {"ks": [1, 4]}, "main_k": 4, "output_candidates": 4,
+                           "cards_per_emotion": 1, "card_snippets": 2},
+        "monitor": {"calibration_texts": 8},
+        "steering": {"emotions": ["happy", "afraid"], "strengths": [0.0, 0.2], "samples_per_prompt": 1,
+                     "max_new_tokens": 8, "preference": False, "prompts": ["Tell me about your day."]},
+        "tracking": {"mode": "offline"},
+    })
+    out = root / "out"
+    run = run_study(cfg, out, model=model)
+    return cfg, out, run
+
+
+def test_run_writes_manifest_metrics_report_and_directions(small_run):
+    _, out, run = small_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"] == {"id": "smollm2-135m-instruct", "layer": 20}
+    assert metrics["corpus"]["n_stories"] > 100 and metrics["corpus"]["n_emotions"] == len(EMOTIONS)
+    for section in ("dense", "sae.k1", "sae.k4"):
+        d = metrics
+        for k in section.split("."):
+            d = d[k]
+        for key in ("valence_r", "arousal_r", "arousal_best_r", "top1", "top5", "auroc",
+                    "emobank_valence_spearman", "emobank_arousal_spearman"):
+            assert isinstance(d[key], float), (section, key)
+    assert isinstance(metrics["sae"]["k4"]["cosine_to_dense_median"], float)
+    for key in ("explained_variance", "l0", "dead_fraction", "ce_loss_recovered"):
+        assert isinstance(metrics["sae"][key], float)
+    for key in ("tylenol_afraid_spearman", "tylenol_calm_spearman"):
+        assert -1.0 <= metrics["probes"][key] <= 1.0
+    assert isinstance(metrics["steering"]["happy"]["judge_valence_spearman"], float)
+    assert all(isinstance(v, float) for v in metrics["timings"].values()) and "total_s" in metrics["timings"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["sha256"] and manifest["packages"]["transformer-lens"].startswith("3.")
+    assert manifest["smoke"]["reply"]
+    dense = EmotionDirections.load(out / "directions" / "dense")
+    sae = EmotionDirections.load(out / "directions" / "sae")
+    assert dense.layer == sae.layer == 20 and len(dense.names) == len(EMOTIONS)
+    assert all(len(sae.latents[n]) <= 4 for n in sae.names) and dense.latents == {}
+    assert list((out / "wandb").glob("offline-run-*"))
+
+
+def test_report_has_every_section(small_run):
+    _, out, _ = small_run
+    html = (out / "report.html").read_text()
+    for heading in ("Timings", "Corpus", "Emotion directions: dense vs SAE-assembled", "Feature cards",
+                    "Context probes", "Steering", "Monitor examples", "SAE quality"):
+        assert f"<h2>{heading}</h2>" in html, heading
+    assert "data:image/png;base64," in html and "http://" not in html.replace("http://www.w3.org", "")
+
+
+def test_rerun_skips_finished_stages(small_run, model):
+    cfg, out, _ = small_run
+    before = json.loads((out / "manifest.json").read_text())["stages"]
+    run = run_study(cfg, out, model=model)
+    after = run.manifest["stages"]
+    for stage in ("scoring", "steering", "output_scores"):
+        assert after[stage] == before[stage], stage  # not recomputed: same key, same recorded time
