@@ -125,18 +125,36 @@ def cmd_activations(args: argparse.Namespace) -> None:
 
 
 def cmd_directions(args: argparse.Namespace) -> None:
-    from .pipeline import eval_data, open_study, report_directions, stage_activations, stage_dense
+    from .pipeline import (eval_data, open_study, report_directions, stage_activations, stage_dense, stage_sae,
+                           stage_sae_directions, stage_scores)
 
+    if args.recipe not in ("dense", "sae"):
+        raise ValueError(f"Unknown recipe '{args.recipe}'; use 'dense' or 'sae'.")
     study = open_study(_config(args.config), args.out, args.config)
     acts = stage_activations(study)
-    if args.recipe != "dense":
-        raise ValueError(f"Unknown recipe '{args.recipe}'; use 'dense' or 'sae'.")
-    dirs = stage_dense(study, acts)
-    if args.directions_command == "eval":
-        report_directions(study, dirs, eval_data(study, acts), "dense")
-        _print(study.run.metrics.get("dense", {}))
-    else:
-        _print({"saved": str(study.run.path / "directions" / "dense"), "emotions": len(dirs.names)})
+    evaluate = args.directions_command == "eval"
+    data = eval_data(study, acts) if evaluate else None
+    dense = stage_dense(study, acts)
+    if args.recipe == "dense":
+        if evaluate:
+            report_directions(study, dense, data, "dense")
+        _print({"saved": str(study.run.path / "directions" / "dense"), "emotions": len(dense.names),
+                **({"metrics": study.run.metrics.get("dense")} if evaluate else {})})
+        return
+    sae = stage_sae(study)
+    built = stage_sae_directions(study, sae, stage_scores(study, sae), dense, data)
+    _print({"saved": [str(study.run.path / "directions" / f"sae-k{k}") for k in built],
+            **({"metrics": study.run.metrics.get("sae")} if evaluate else {})})
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from .pipeline import open_study, stage_sae, stage_scores
+
+    study = open_study(_config(args.config), args.out, args.config)
+    scores = stage_scores(study, stage_sae(study))
+    names = args.emotions.split(",") if args.emotions else ["happy", "sad", "afraid", "calm"]
+    _print({"saved": str(study.run.path / "scores"),
+            "top_latents": {n: scores.table(n, top=args.top) for n in names}})
 
 
 def cmd_geometry(args: argparse.Namespace) -> None:
@@ -254,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("--out", required=True, help="run directory")
         x.add_argument("--recipe", default="dense", help="'dense' (DiffMean) or 'sae'")
         x.set_defaults(func=cmd_directions)
+
+    sc = sub.add_parser("score", help="score every SAE latent against the corpus (per emotion)")
+    sc.add_argument("config")
+    sc.add_argument("--out", required=True, help="run directory")
+    sc.add_argument("--emotions", help="comma-separated emotions to print the top latents of")
+    sc.add_argument("--top", type=int, default=5)
+    sc.set_defaults(func=cmd_score)
 
     g = sub.add_parser("geometry", help="PCA of saved directions vs valence/arousal, with plots")
     g.add_argument("directions", help="a directions directory (RUN/directions/dense)")

@@ -206,7 +206,8 @@ def stage_output_scores(study: Study, sae, scores: LatentScores) -> torch.Tensor
 
 
 def stage_sae_directions(study: Study, sae, scores: LatentScores, dense: EmotionDirections,
-                         data: EvalData) -> dict[int, EmotionDirections]:
+                         data: EvalData | None) -> dict[int, EmotionDirections]:
+    """SAE-assembled directions for every k; evaluated like the dense ones unless ``data`` is None."""
     from .geometry import direction_cosines
 
     cfg = study.cfg.sae_directions
@@ -227,7 +228,8 @@ def stage_sae_directions(study: Study, sae, scores: LatentScores, dense: Emotion
             dirs.save(study.run.path / "directions" / f"sae-k{k}")
             if k == cfg.main_k:
                 dirs.save(study.run.path / "directions" / "sae")
-        report_directions(study, dirs, data, f"sae.k{k}")
+        if data is not None:
+            report_directions(study, dirs, data, f"sae.k{k}")
         cos = direction_cosines(dirs, dense)
         study.run.record(f"sae.k{k}", {"cosine_to_dense_median": float(np.median(list(cos.values())))})
         out[k] = dirs
