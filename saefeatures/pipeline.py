@@ -72,8 +72,9 @@ def stage_activations(study: Study) -> PooledActivations:
     cfg = study.cfg.activations
     out = study.run.path / "activations" / f"L{study.layer}"
     key = key_of(study.corpus_key, model_identity(study.model).sha256, study.layer, config_mod.to_dict(cfg))
+    needed = [r for r in study.records if r.split in ("train", study.cfg.evals.split)]
     with study.run.stage("activations", key):
-        acts = collect_pooled(study.model, study.records, cfg, out, layers=[study.layer])
+        acts = collect_pooled(study.model, needed, cfg, out, layers=[study.layer])
     return acts
 
 
