@@ -131,14 +131,21 @@ def valence_arousal_html(geo: Geometry, title: str = "") -> str:
     """Interactive (plotly) scatter of PC1/PC2 as an HTML fragment; plotly.js is not included."""
     import plotly.graph_objects as go
 
-    hover = [f"{n}<br>valence {emo.get(n).valence}<br>arousal {emo.get(n).arousal}" if n in emo.NAMES else n
-             for n in geo.names]
-    val = [emo.get(n).valence if n in emo.NAMES and emo.get(n).valence else None for n in geo.names]
-    fig = go.Figure(go.Scatter(
-        x=geo.scores[:, 0], y=geo.scores[:, 1], mode="markers+text", text=geo.names, hovertext=hover,
-        hoverinfo="text", textposition="top center", textfont={"size": 9},
-        marker={"color": val, "colorscale": "RdBu", "cmin": 1.5, "cmax": 8.5, "size": 8,
-                "colorbar": {"title": "valence"}}))
+    rated = [i for i, n in enumerate(geo.names) if n in emo.NAMES and emo.get(n).valence is not None]
+    unrated = [i for i in range(len(geo.names)) if i not in set(rated)]
+
+    def trace(rows: list[int], color: Any, name: str) -> Any:
+        hover = [f"{geo.names[i]}<br>valence {emo.get(geo.names[i]).valence if geo.names[i] in emo.NAMES else None}"
+                 f"<br>arousal {emo.get(geo.names[i]).arousal if geo.names[i] in emo.NAMES else None}" for i in rows]
+        return go.Scatter(x=geo.scores[rows, 0], y=geo.scores[rows, 1], mode="markers+text", name=name,
+                          text=[geo.names[i] for i in rows], hovertext=hover, hoverinfo="text",
+                          textposition="top center", textfont={"size": 9}, marker=color)
+
+    fig = go.Figure([
+        trace(rated, {"color": [emo.get(geo.names[i]).valence for i in rated], "colorscale": "RdBu", "cmin": 1.5,
+                      "cmax": 8.5, "size": 8, "colorbar": {"title": "valence"}}, "rated"),
+        trace(unrated, {"color": "lightgrey", "size": 8}, "no rating"),
+    ])
     fig.update_layout(title=title or "Emotion directions: PC1 vs PC2", width=1000, height=800,
                       xaxis_title=f"PC1 (r valence {geo.valence_r:.2f})",
                       yaxis_title=f"PC2 (r arousal {geo.arousal_r:.2f})")

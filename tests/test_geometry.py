@@ -38,3 +38,14 @@ def test_sign_alignment_is_invariant_to_flipping_vectors():
     dirs, _, _, _ = _planted()
     flipped = EmotionDirections(dirs.names, 5, -dirs.vectors)
     assert np.isclose(analyze(dirs).valence_r, analyze(flipped).valence_r)
+
+
+def test_plots_include_unrated_emotions(tmp_path):
+    dirs, _, _, _ = _planted()
+    extra = torch.randn(2, dirs.d_model)
+    mixed = EmotionDirections(dirs.names + ["exasperated", "awestruck"], 5, torch.cat([dirs.vectors, extra]))
+    geo = analyze(mixed)
+    assert geo.n_rated == len(dirs.names)
+    save_plots(geo, tmp_path)
+    html = (tmp_path / "geometry.html").read_text()
+    assert "exasperated" in html and "no rating" in html
