@@ -21,7 +21,7 @@ from saefeatures.evals.steering import (NEUTRAL_PROMPTS, PREFERENCE_ANSWER, PREF
                                         repetition_rate, stage_steering, steering_figures)
 from saefeatures.steering import Steering, SteeringSpec, generate_steered_full
 
-from .test_steering import HOOK, LAYER, make_sae
+from test_steering import HOOK, LAYER, make_sae  # tests/ is on sys.path (pytest rootdir import)
 
 HAPPY = ["I laughed all afternoon with my best friends at the fair.", "We won! Everyone cheered and hugged.",
          "The sun was warm and the children were giggling in the garden.", "She smiled, delighted by the gift.",
@@ -59,7 +59,7 @@ def test_judge_reads_valence_and_arousal_from_words():
     neg, _, _ = judge(["A terrible, painful, lonely night of grief and fear."])
     _, calm_a, _ = judge(["A quiet, slow, peaceful nap."])
     _, hot_a, _ = judge(["A furious, terrifying explosion and panic."])
-    assert pos > 6.5 > 5 > 3.5 > neg and n_pos >= 5
+    assert pos > 7 and neg < 4 and n_pos == 5  # 'friends' is rated through its singular
     assert hot_a > calm_a + 1
     assert judge(["xyzzy qwrt"]) == (None, None, 0)
 

@@ -132,9 +132,20 @@ _WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")
 
 @cache
 def word_rating(word: str) -> tuple[float, float] | None:
-    """Warriner (valence, arousal) of a word, lower-cased, with the lemma fallback; None if unrated."""
-    v, a, _ = emo.rate(word.lower())
-    return None if v is None else (v, a)
+    """Warriner (valence, arousal) of a word, lower-cased, with plural and lemma fallbacks; None if unrated."""
+    word = word.lower()
+    stems = [word]
+    if word.endswith("ies"):
+        stems.append(word[:-3] + "y")
+    if word.endswith("es"):
+        stems.append(word[:-2])
+    if word.endswith("s") and not word.endswith("ss"):
+        stems.append(word[:-1])  # plurals: friends -> friend (emotions.rate handles verb forms)
+    for stem in stems:
+        v, a, _ = emo.rate(stem)
+        if v is not None:
+            return v, a
+    return None
 
 
 def judge(texts: Sequence[str]) -> tuple[float | None, float | None, int]:
@@ -803,7 +814,7 @@ def stage_steering(study: Any, dirs_by_recipe: dict[str, EmotionDirections], sae
     figures = study.run.path / "figures" / "steering"
     key = key_of(config_mod.to_dict(cfg),
                  {k: [d.names, float(d.vectors.sum()), d.hook, d.latents] for k, d in sorted(dirs_by_recipe.items())},
-                 None if sae is None else [sae.cfg.metadata.hook_name, sae.cfg.d_sae, float(sae.W_dec.sum())])
+                 None if sae is None else [sae.cfg.metadata.hook_name, sae.cfg.d_sae, float(sae.W_dec.detach().sum())])
     if study.run.is_done("steering", key, (results,)):
         log.info("steering: inputs unchanged, reusing %s", results)
         return SteeringResult.load(results)
