@@ -79,8 +79,9 @@ class SteeringConfig:
     """Default intervention of `saefeatures steer` (its --emotion / --latent options override it)."""
     emotions: list[str] = field(default_factory=lambda: ["happy", "afraid", "desperate"])
     """Emotions of the dose-response curves (include a positive and a negative one)."""
-    strengths: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3, 0.4])
-    """Strengths, fractions of the mean residual norm at the layer; 0 is the unsteered baseline."""
+    strengths: list[float] = field(default_factory=lambda: [0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2])
+    """Strengths, fractions of the mean residual norm at the layer; 0 is the unsteered baseline.
+    On the embedded model perplexity passes 2x near 0.2, so the grid is dense below it."""
     methods: list[str] = field(default_factory=lambda: ["dense", "sae_clamp"])
     """'<recipe>' adds that recipe's direction; '<recipe>_clamp' clamps its latents ('sae_clamp')."""
     clamp_op: str = "set"
@@ -390,12 +391,17 @@ class PreferenceResult:
     positive: str
     negative: str
     strength: float
+    shift_se: dict[str, float] = field(default_factory=dict)
+    """Standard error of the per-pair change in P(choose A), for 'positive' and 'negative'."""
 
     def metrics(self) -> dict[str, float | None]:
         out: dict[str, float | None] = {
             "preference_shift": self.p_a["positive"] - self.p_a["none"],
             "preference_shift_negative": self.p_a["negative"] - self.p_a["none"],
+            "preference_shift_contrast": self.p_a["positive"] - self.p_a["negative"],
             "preference_p_a_unsteered": self.p_a["none"],
+            "preference_shift_se": self.shift_se.get("positive"),
+            "preference_shift_negative_se": self.shift_se.get("negative"),
         }
         if self.positive in self.projections:
             out["preference_winrate_spearman"] = _spearman(self.projections[self.positive], self.win_rate)
@@ -507,6 +513,7 @@ def preference_eval(
         win_rate=(wins / np.maximum(seen, 1)).tolist(),
         projections={n: proj[:, k].tolist() for k, n in enumerate(reader.names)},
         p_a={k: float(v.mean()) for k, v in p_a.items()}, n_pairs=len(pairs),
+        shift_se={k: float((p_a[k] - p_a["none"]).std(ddof=1) / np.sqrt(len(shown))) for k in ("positive", "negative")},
         positive=cfg.preference_positive, negative=cfg.preference_negative, strength=cfg.preference_strength)
 
 
@@ -558,6 +565,8 @@ class PressureResult:
             out[f"{e}_spearman"] = _spearman(turns, self.failing[e])
             out[f"{e}_change"] = self.failing[e][-1] - self.failing[e][0]
             out[f"{e}_change_vs_control"] = out[f"{e}_change"] - (self.control[e][-1] - self.control[e][0])
+            gaps = [f - c for f, c in zip(self.failing[e][1:], self.control[e][1:])]
+            out[f"{e}_mean_gap_vs_control"] = float(np.mean(gaps)) if gaps else None
         return out
 
 
@@ -725,11 +734,13 @@ def steering_figures(result: SteeringResult) -> dict[str, Any]:
             ax1.set_xlabel(f"activity projection on '{p.positive}'")
             ax1.set_ylabel("win rate (unsteered)")
             ax1.set_title("activities: green pleasant, red unpleasant", fontsize=9)
-        labels = ["none", "positive", "negative"]
-        ax2.bar([f"none", f"+{p.positive}", f"+{p.negative}"], [p.p_a[k] for k in labels],
-                color=["tab:grey", "tab:green", "tab:red"])
-        ax2.set_ylabel("mean P(choose A)")
-        ax2.set_title(f"steering on option A at {p.strength} x norm", fontsize=9)
+        labels = ["positive", "negative"]
+        ax2.bar([f"+{p.positive}", f"+{p.negative}"], [p.p_a[k] - p.p_a["none"] for k in labels],
+                yerr=[p.shift_se.get(k, 0.0) for k in labels], color=["tab:green", "tab:red"], capsize=4)
+        ax2.axhline(0, color="grey", linewidth=1)
+        ax2.set_ylabel("change in mean P(choose A)")
+        ax2.set_title(f"steering on option A at {p.strength} x norm (unsteered P(A) {p.p_a['none']:.3f})",
+                      fontsize=9)
         fig.tight_layout()
         figs["preference"] = fig
     if result.pressure is not None:
