@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import emotions as emo
-from .activations import forward_hooks, iter_batches, with_dtype
+from .activations import forward_hooks, iter_batches, pool_batch, with_dtype
 
 NEUTRAL = "neutral"
 
@@ -221,7 +221,7 @@ class ScoreAccumulator:
         acc, (C, L, B) = self.acc, self.shape
         lat = lat.float() * mask[..., None]
         n_tok = mask.sum(1)
-        pooled = lat.sum(1) / n_tok[:, None].clamp(min=1)
+        pooled = pool_batch(lat, mask)
         acc["count"].index_add_(0, y, torch.ones_like(y))
         acc["sum"].index_add_(0, y, pooled.double())
         acc["sumsq"].index_add_(0, y, pooled.double() ** 2)
@@ -267,22 +267,22 @@ def score_latents(model, sae, records: Sequence, cfg: ScoringConfig = ScoringCon
     run_model = with_dtype(model, cfg.dtype)
     sae_dtype = next(sae.parameters()).dtype
 
-    def latents(recs: Sequence):
-        for batch in iter_batches(model.tokenizer, [r.id for r in recs], [r.text for r in recs],
-                                  cfg.batch_tokens, cfg.max_tokens):
+    def latents(batches):
+        for batch in batches:
             resid = forward_hooks(run_model, batch.tokens, [hook])[hook]
             yield batch, sae.encode(resid.to(sae.device, sae_dtype)).float().cpu()
 
+    def batches_of(recs: Sequence) -> list:
+        return list(iter_batches(model.tokenizer, [r.id for r in recs], [r.text for r in recs],
+                                 cfg.batch_tokens, cfg.max_tokens))
+
     stride = max(1, len(records) // cfg.warmup_records)
     scale = torch.zeros(sae.cfg.d_sae)
-    for batch, lat in latents(records[::stride]):
-        mask = batch.content_mask(cfg.skip_first)
-        pooled = (lat * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        scale = torch.maximum(scale, pooled.max(0).values)
+    for batch, lat in latents(batches_of(records[::stride])):
+        scale = torch.maximum(scale, pool_batch(lat, batch.content_mask(cfg.skip_first)).max(0).values)
     acc = ScoreAccumulator(classes, scale, hook, [r.id for r in records], cfg)
-    n_batches = sum(1 for _ in iter_batches(model.tokenizer, [r.id for r in records], [r.text for r in records],
-                                            cfg.batch_tokens, cfg.max_tokens))
-    for batch, lat in tqdm(latents(records), desc=desc, unit="batch", total=n_batches, disable=len(records) < 64):
+    batches = batches_of(records)
+    for batch, lat in tqdm(latents(batches), desc=desc, unit="batch", total=len(batches), disable=len(records) < 64):
         acc.update(lat, batch.content_mask(cfg.skip_first), torch.tensor([label[i] for i in batch.ids]),
                    torch.tensor([rec_index[i] for i in batch.ids]))
     return acc.finish()
