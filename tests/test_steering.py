@@ -343,3 +343,21 @@ def test_spec_round_trip_and_config(tmp_path):
     assert cfg.steering.spec.emotions == {"calm": 0.1} and cfg.steering.spec.latents == {3: 1.5}
     with pytest.raises(ConfigError, match="Unknown config key.*steering.spec: strength"):
         from_dict(RunConfig, {"steering": {"spec": {"strength": 1}}})
+
+
+def test_cli_steer_prints_steered_and_unsteered_replies(model, dirs, tmp_path, monkeypatch, capsys):
+    import json
+
+    import saefeatures.models
+    from saefeatures.cli import main
+
+    monkeypatch.setattr(saefeatures.models, "load_model", lambda *a, **k: model)
+    dirs.save(tmp_path / "dirs")
+    main(["steer", "--directions", str(tmp_path / "dirs"), "--emotion", "happy=0.3", "--positions", "generated",
+          "--prompt", "Tell me about your day.", "--max-new-tokens", "6"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["spec"]["emotions"] == {"happy": 0.3} and out["spec"]["positions"] == "generated"
+    (reply,) = out["replies"]
+    assert reply["prompt"] == "Tell me about your day." and reply["steered"] and reply["unsteered"]
+    with pytest.raises(SystemExit):  # an unknown emotion is a clean CLI error (exit 2), not a traceback
+        main(["steer", "--directions", str(tmp_path / "dirs"), "--emotion", "hapy=0.3"])
