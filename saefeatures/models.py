@@ -214,7 +214,7 @@ def tl_config(hf_config: Any, dtype: torch.dtype, device: str) -> HookedTransfor
     else:  # GPT2LMHeadModel
         d = dict(
             d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head, d_mlp=c.n_embd * 4,
-            n_layers=c.n_layer, n_ctx=c.n_ctx, eps=c.layer_norm_epsilon, d_vocab=c.vocab_size,
+            n_layers=c.n_layer, n_ctx=c.n_positions, eps=c.layer_norm_epsilon, d_vocab=c.vocab_size,
             act_fn=c.activation_function, use_attn_scale=True, use_local_attn=False,
             scale_attn_by_inverse_layer_idx=c.scale_attn_by_inverse_layer_idx,
             normalization_type="LN",

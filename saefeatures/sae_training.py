@@ -7,8 +7,10 @@ splits (the test split stays held out for evals). Each text is rendered either p
 the chat template (its prompt as the user turn, the text as the assistant turn) with
 probability `chat_fraction`; texts are shuffled and packed into contexts that start with a
 special token, with special-token separators, and every special-token position is excluded
-(SAELens' ``exclude_special_tokens``). When training needs more tokens than one pass holds,
-each further epoch is re-shuffled and re-rendered with a new seed.
+(SAELens' ``exclude_special_tokens``), as are the first `skip_positions` positions of every
+context (SAELens' ``seqpos_slice``): when a context starts mid-text, the token after the start
+token becomes a second attention sink with ~100x the usual norm. When training needs more
+tokens than one pass holds, each further epoch is re-shuffled and re-rendered with a new seed.
 
 SAELens' `LanguageModelSAETrainingRunner` then trains with the toolkit's model
 (``override_model``) on that tokenized dataset (``override_dataset``). Checkpoints go to
@@ -278,6 +280,7 @@ def train_sae(run_cfg: RunConfig, out_dir: str | Path | None = None, model: Hook
         model_name=identity.name, hook_name=hook,
         dataset_path=f"saefeatures-corpus:{run_cfg.corpus.path or 'shipped'}",
         is_dataset_tokenized=True, streaming=False, context_size=tcfg.context_size,
+        seqpos_slice=(tcfg.skip_positions, None) if tcfg.skip_positions else (None,),
         n_batches_in_buffer=tcfg.n_batches_in_buffer, training_tokens=tcfg.training_tokens,
         store_batch_size_prompts=tcfg.store_batch_size_prompts,
         train_batch_size_tokens=tcfg.train_batch_size_tokens, prepend_bos=False,

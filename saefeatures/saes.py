@@ -87,19 +87,22 @@ class SAETrainConfig:
     """Token positions trained on (special tokens excluded); more than the corpus means epochs."""
     context_size: int = 256
     """Tokens per packed training context (the first is a special token, never trained on)."""
+    skip_positions: int = 2
+    """Leading positions of each context never trained on (SAELens seqpos_slice): the start token,
+    and the next, which is a second attention sink (norm ~100x) when a context starts mid-text."""
     train_batch_size_tokens: int = 1024
     """SAE batch size in token positions."""
     store_batch_size_prompts: int = 16
     """Contexts per model forward pass when generating activations."""
     n_batches_in_buffer: int = 64
     """Mixing buffer size in units of context_size tokens (must be >= the SAE batch)."""
-    lr: float = 4e-4
+    lr: float = 8e-4
     """Adam learning rate."""
     lr_warm_up_steps: int = 100
     """Linear warm-up steps."""
     lr_decay_fraction: float = 0.2
     """Fraction of steps, at the end, over which the learning rate decays linearly to 0."""
-    dead_feature_window: int = 250
+    dead_feature_window: int = 100
     """Steps without firing after which a latent counts as dead (and joins the AuxK loss)."""
     n_batches_for_norm_estimate: int = 20
     """SAE batches used to estimate the input scaling factor."""
@@ -410,12 +413,16 @@ def special_token_ids(tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-def pack_texts(tokenizer: Any, texts: Sequence[str], context_size: int) -> list[list[int]]:
-    """Pack texts into contexts of `context_size` tokens (SAELens' packing).
+def pack_texts(tokenizer: Any, texts: Sequence[str], context_size: int,
+               whole_texts: bool = False) -> list[list[int]]:
+    """Pack texts into contexts of `context_size` tokens.
 
     Every context starts with the tokenizer's BOS (or first special) token and texts are
     separated by its end-of-text token; both are special, so they are left out of training and
-    evals. A text may continue into the next context; the last partial context is dropped.
+    evals. By default (SAELens' packing) a text continues into the next context; the last partial
+    context is dropped. With `whole_texts`, every context starts at the start of a text and the
+    tail of a text that does not fit is dropped: no context starts mid-text, where the token after
+    the start token becomes a second attention sink (used for evals).
     """
     from sae_lens.tokenization_and_batching import concat_and_batch_sequences
 
@@ -425,12 +432,21 @@ def pack_texts(tokenizer: Any, texts: Sequence[str], context_size: int) -> list[
     begin = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else specials[0]
     sep = tokenizer.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tokenizer.get_vocab() \
         else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else begin)
-    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    batches = concat_and_batch_sequences(
-        tokens_iterator=(torch.tensor(ids, dtype=torch.long) for ids in encoded if ids),
-        context_size=context_size, begin_batch_token_id=begin, begin_sequence_token_id=None,
-        sequence_separator_token_id=sep)
-    return [b.tolist() for b in batches]
+    encoded = [ids for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"] if ids]
+    if not whole_texts:
+        batches = concat_and_batch_sequences(
+            tokens_iterator=(torch.tensor(ids, dtype=torch.long) for ids in encoded),
+            context_size=context_size, begin_batch_token_id=begin, begin_sequence_token_id=None,
+            sequence_separator_token_id=sep)
+        return [b.tolist() for b in batches]
+    contexts, current = [], []
+    for ids in encoded:
+        current += ([begin] if ids[0] != begin else []) if not current else [sep]
+        current += ids
+        if len(current) >= context_size:
+            contexts.append(current[:context_size])
+            current = []
+    return contexts
 
 
 @dataclass
@@ -504,8 +520,9 @@ def evaluate_sae(
 ) -> SAEEvals:
     """SAELens evals of `sae` spliced into `model` on `texts` (held-out, never trained on).
 
-    Texts are packed like the training data; special-token positions are excluded from every
-    metric and left unreplaced when the SAE is spliced in.
+    Texts are packed into contexts that each start at a text's start (see `pack_texts`);
+    special-token positions are excluded from every metric and left unreplaced when the SAE is
+    spliced in.
 
     Example:
         >>> evals = evaluate_sae(sae, model, [r.text for r in load_corpus() if r.split == "test"])
@@ -515,7 +532,7 @@ def evaluate_sae(
     from sae_lens.training.activation_scaler import ActivationScaler
 
     cfg = config or SAEEvalConfig()
-    contexts = pack_texts(model.tokenizer, texts, context_size)
+    contexts = pack_texts(model.tokenizer, texts, context_size, whole_texts=True)
     batch = cfg.batch_size
     n_batches = min(len(contexts), max(1, cfg.max_tokens // context_size)) // batch
     n_ce = min(n_batches, max(1, cfg.ce_tokens // (context_size * batch)))

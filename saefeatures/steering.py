@@ -420,7 +420,7 @@ def emotion_latents(directions: EmotionDirections, name: str, sae: SAE | None = 
     cos = torch.nn.functional.normalize(w_dec, dim=1) @ directions.vector(name).float().to(w_dec.device)
     top = cos.topk(min(k, len(cos)))
     picked = [(int(i), float(c)) for c, i in zip(top.values, top.indices) if c > 0]
-    log.info("'%s': clamping the %d SAE latents nearest to its %s direction (cosine %.2f-%.2f)", name,
+    log.debug("'%s': clamping the %d SAE latents nearest to its %s direction (cosine %.2f-%.2f)", name,
              len(picked), directions.recipe, picked[-1][1] if picked else 0, picked[0][1] if picked else 0)
     return picked
 

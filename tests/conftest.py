@@ -47,3 +47,36 @@ def make_random_sae(d_in: int = 576, d_sae: int = 64, hook: str = "blocks.6.hook
 @pytest.fixture(scope="session")
 def random_sae():
     return make_random_sae()
+
+
+
+def _ours(hook) -> bool:
+    """False for transformers' own output-capturing hooks, installed once and left on for good."""
+    return "output_capturing_hook" not in getattr(hook, "__qualname__", "")
+
+
+def hooks_left(model, sae=None) -> list[str]:
+    """Names of the hook points and HF modules of `model` (and `sae`) that still carry a hook."""
+    from saefeatures.models import hf_twin
+
+    left = [name for name, hp in model.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]
+    hf = hf_twin(model)
+    for name, m in hf.named_modules() if hf is not None else []:
+        if any(_ours(h) for h in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]):
+            left.append(name)
+    if sae is not None:
+        left += [f"sae.{name}" for name, hp in sae.hook_dict.items() if hp.fwd_hooks]
+    return left
+
+
+@pytest.fixture(autouse=True)
+def no_hook_leaks(request):
+    """Fail the test that leaves a hook on the shared model (it would change every later test)."""
+    yield
+    if "model" not in request.fixturenames:
+        return
+    model = request.getfixturevalue("model")
+    leaked = hooks_left(model)
+    if leaked:
+        model.reset_hooks(including_permanent=True)
+        pytest.fail(f"hooks left on the shared model: {leaked[:5]}")

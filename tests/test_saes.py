@@ -95,6 +95,8 @@ def test_training_loss_falls_and_run_is_recorded(tiny):
     info = result.info
     assert info["activation_generation"]["positions_per_s"] > 0 and info["sae_update"]["tokens_per_s"] > 0
     assert info["hook"] == f"blocks.{LAYER}.hook_resid_post"
+    meta = json.loads((result.sae_dir / "cfg.json").read_text())["metadata"]
+    assert meta["seqpos_slice"] == [2, None] and meta["exclude_special_tokens"] == [0, 1, 2]
 
 
 def test_finished_run_is_reused(tiny, model, train_records):
@@ -136,6 +138,10 @@ def test_training_contexts_start_special_and_exclude_specials(model, train_recor
     assert 60 < len(chat) < 140  # about half wrapped in the chat template
     packed = pack_texts(tok, chat[:5], 64)
     assert packed and all(c[0] in specials for c in packed)
+    whole = pack_texts(tok, texts, 64, whole_texts=True)  # evals: no context starts mid-text
+    starts = {ids[0] for ids in tok(texts, add_special_tokens=False)["input_ids"]}
+    assert len(whole) > 10 and all(len(c) == 64 and c[0] in specials for c in whole)
+    assert all(c[1] in starts or c[0] in starts for c in whole)
 
 
 # ---------------------------------------------------------------- save, load, splice, evaluate

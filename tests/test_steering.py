@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import hooks_left
 
 from saefeatures.directions import EmotionDirections
 from saefeatures.emotions import UnknownEmotionError
@@ -65,11 +66,7 @@ def tokens(tokenizer):
 
 
 def no_hooks_left(model, sae=None) -> bool:
-    hf = hf_twin(model)
-    tl_clean = not any(hp.fwd_hooks for hp in model.hook_dict.values())
-    hf_clean = not any(m._forward_hooks or m._forward_pre_hooks for m in hf.modules())
-    sae_clean = sae is None or not any(hp.fwd_hooks for hp in sae.hook_dict.values())
-    return tl_clean and hf_clean and sae_clean
+    return not hooks_left(model, sae)
 
 
 # ---------------------------------------------------------------- fast path addressing
