@@ -8,7 +8,9 @@ did not change, and an interrupted one resumes.
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,7 +157,12 @@ def stage_sae(study: Study):
                  config_mod.to_dict(study.cfg.sae.eval))
     if not study.run.is_done("sae_eval", key, (path,)):
         with study.run.stage("sae_eval", key):
-            evaluate_run_sae(study.cfg, sae_path=_sae_dir(sae, study), model=study.model, save_to=path)
+            recorded = _recorded_evals(study, sae)
+            if recorded is not None:
+                log.info("SAE evals: reusing %s (same SAE, corpus and eval config)", recorded)
+                shutil.copyfile(recorded, path)
+            else:
+                evaluate_run_sae(study.cfg, sae_path=_sae_dir(sae, study), model=study.model, save_to=path)
     evals = SAEEvals.load(path)
     study.run.record("", {**evals.metrics(), "sae.dense_fraction": evals.dense_fraction,
                           "sae.ce_loss_recovered_with_error_term": evals.ce_loss_recovered_with_error_term})
@@ -163,6 +170,18 @@ def stage_sae(study: Study):
                                  "architecture": sae.cfg.architecture(), "source": study.cfg.sae.source,
                                  "path": _sae_dir(sae, study)}
     return sae
+
+
+def _recorded_evals(study: Study, sae) -> Path | None:
+    """The evals.json saved beside a local SAE, if measured on exactly this run's inputs."""
+    from .sae_training import evals_inputs_key
+
+    where = _sae_dir(sae, study)
+    recorded = Path(where) / "evals.json" if where else None
+    if recorded is None or not recorded.is_file():
+        return None
+    extra = json.loads(recorded.read_text()).get("extra", {})
+    return recorded if extra.get("inputs_key") == evals_inputs_key(study.cfg) else None
 
 
 def _sae_dir(sae, study: Study) -> str | None:

@@ -377,10 +377,24 @@ def evaluate_run_sae(run_cfg: RunConfig, sae_path: str | Path | None = None,
     t0 = time.perf_counter()
     evals = evaluate_sae(sae, model, texts, context_size=tcfg.context_size, config=ecfg)
     evals.extra.update(split=ecfg.split, corpus=run_cfg.corpus.path or "shipped",
-                       wall_s=round(time.perf_counter() - t0, 1))
+                       wall_s=round(time.perf_counter() - t0, 1), inputs_key=evals_inputs_key(run_cfg))
     if save_to:
         evals.save(save_to)
     return evals
+
+
+def evals_inputs_key(run_cfg: RunConfig) -> str:
+    """What `evaluate_run_sae` measured on, besides the SAE: the corpus file's hash, the eval
+    config and how held-out texts are rendered. Evals saved beside an SAE with the same key are
+    reused by `saefeatures run` instead of measured again."""
+    from .corpus import DEFAULT_CORPUS
+    from .models import sha256_file
+    from .rundir import key_of
+
+    tcfg = run_cfg.sae.train
+    corpus = Path(run_cfg.corpus.path) if run_cfg.corpus.path else DEFAULT_CORPUS
+    return key_of(sha256_file(corpus), asdict(run_cfg.sae.eval), list(tcfg.kinds), tcfg.chat_fraction,
+                  tcfg.seed, tcfg.context_size)
 
 
 def _versions() -> dict[str, str]:

@@ -20,8 +20,8 @@ from transformer_lens import HookedTransformerConfig
 from saefeatures.config import RunConfig, load_config
 from saefeatures.corpus import CorpusRecord
 from saefeatures.emotions import DATA
-from saefeatures.sae_training import (build_token_data, export_sae, latest_checkpoint, render_texts,
-                                      train_sae)
+from saefeatures.sae_training import (build_token_data, evals_inputs_key, export_sae, latest_checkpoint,
+                                      render_texts, train_sae)
 from saefeatures.saes import (SAEConfig, SAEEvalConfig, SAELoadError, SAEMismatchError, check_sae,
                               evaluate_sae, load_sae, pack_texts, same_activation, sae_info,
                               shipped_sae_dir, special_token_ids, spliced)
@@ -238,6 +238,17 @@ def test_shipped_sae_is_the_configs_default(model):
     x = cache["blocks.20.hook_resid_post"][0, 1:]  # position 0 is the attention sink
     fvu = (sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert fvu < 0.4
+
+
+def test_shipped_evals_are_reused_only_for_the_same_inputs():
+    cfg = load_config(CONFIGS / "smollm2-135m.yaml")
+    recorded = sae_info(shipped_sae_dir("smollm2-135m-instruct", 20))["evals"]["extra"]
+    assert recorded["inputs_key"] == evals_inputs_key(cfg)  # the default run does not re-measure
+    cfg.sae.eval.max_tokens //= 2
+    assert evals_inputs_key(cfg) != recorded["inputs_key"]
+    cfg = load_config(CONFIGS / "smollm2-135m.yaml")
+    cfg.sae.train.chat_fraction = 0.0
+    assert evals_inputs_key(cfg) != recorded["inputs_key"]
 
 
 # ---------------------------------------------------------------- GPU configs, stand-in SAEs
