@@ -1,7 +1,7 @@
 """Residual-stream activations over a corpus, pooled per record, streamed to safetensors shards.
 
 The forward pass stops after the deepest needed layer, caches only the needed hooks, runs in
-bfloat16 where asked, and batches records of similar length so little is spent on padding (right
+bfloat16 where the hardware has bf16 units, and batches records of similar length so little is spent on padding (right
 padding needs no attention mask in a causal model: pads only follow the real tokens). Each record
 is pooled over its content tokens: the first token (an attention sink with ~100x the norm of the
 others) and optionally the next ``skip_first`` tokens are left out, as is padding.
@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from .models import check_layer
+from .models import check_layer, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,9 @@ class ActivationConfig:
     """Layers to collect; empty means the run's model layer."""
     hook: str = "hook_resid_post"
     """TransformerLens hook name within each block."""
-    dtype: str = "bfloat16"
-    """Compute dtype of the forward pass ('bfloat16' or 'float32')."""
+    dtype: str = "auto"
+    """Compute dtype of the forward pass: 'auto' (bfloat16 where the hardware has bf16 units, else
+    float32), 'bfloat16' or 'float32'."""
     batch_tokens: int = 4096
     """Padded tokens per forward batch (batch size x longest record)."""
     max_tokens: int = 256
@@ -58,8 +59,9 @@ def hook_name(layer: int, hook: str = "hook_resid_post") -> str:
 
 
 def with_dtype(model: HookedTransformer, dtype: str | torch.dtype) -> HookedTransformer:
-    """The model in ``dtype``: itself if already so, else a cast copy (the original is untouched)."""
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    """The model in ``dtype`` ("auto": see `resolve_dtype`): itself if already so, else a cast copy
+    (the original is untouched)."""
+    dtype = resolve_dtype(dtype, model.cfg.device)
     if model.cfg.dtype == dtype:
         return model
     cfg = model.cfg.to_dict()
@@ -212,7 +214,7 @@ def collect_pooled(
     shard_index = 0
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        _check_meta(out, names, cfg)
+        _check_meta(out, names, cfg, resolve_dtype(cfg.dtype, model.cfg.device))
         for path in _shard_paths(out):
             with safe_open(str(path), framework="pt") as f:
                 done.update(json.loads(f.metadata()["ids"]))
@@ -259,9 +261,9 @@ def collect_pooled(
     return pooled.subset([r.id for r in records])
 
 
-def _check_meta(out: Path, names: list[str], cfg: ActivationConfig) -> None:
+def _check_meta(out: Path, names: list[str], cfg: ActivationConfig, dtype: torch.dtype) -> None:
     """Refuse to resume into a directory collected with different settings."""
-    meta = {"hooks": names, "dtype": cfg.dtype, "max_tokens": cfg.max_tokens, "skip_first": cfg.skip_first}
+    meta = {"hooks": names, "dtype": str(dtype).removeprefix("torch."), "max_tokens": cfg.max_tokens, "skip_first": cfg.skip_first}
     path = out / "collection.json"
     if path.exists():
         old = json.loads(path.read_text())

@@ -8,8 +8,6 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
 from .config import RunConfig, load_config
 
 log = logging.getLogger("saefeatures")
@@ -26,7 +24,7 @@ def _print(obj: object) -> None:
 def cmd_corpus_build(args: argparse.Namespace) -> None:
     from .corpus import build_corpus, compress, corpus_stats, lexicon_valence_check, read_records
     from .generation import Generator
-    from .models import load_hf
+    from .models import load_hf, resolve_dtype
 
     cfg = _config(args.config)
     build = cfg.corpus.build
@@ -38,7 +36,7 @@ def cmd_corpus_build(args: argparse.Namespace) -> None:
         build.stories_per_emotion = args.stories_per_emotion
     if args.general_texts is not None:
         build.general_texts = args.general_texts
-    hf, tokenizer, identity = load_hf(cfg.model.name, dtype=getattr(torch, build.generation.dtype),
+    hf, tokenizer, identity = load_hf(cfg.model.name, dtype=resolve_dtype(build.generation.dtype, cfg.model.device),
                                       device=cfg.model.device)
     report = build_corpus(build, args.out, Generator(hf, tokenizer, build.generation), identity.name,
                           skip_corrupt=args.skip_corrupt)

@@ -60,7 +60,7 @@ def _top_records(scores: LatentScores, latent: int, n: int) -> list[int]:
 
 @torch.inference_mode()
 def build_cards(model, sae, scores: LatentScores, dirs: EmotionDirections, records: Sequence,
-                per_emotion: int = 2, snippets: int = 3, window: int = 24, dtype: str = "bfloat16") -> list[FeatureCard]:
+                per_emotion: int = 2, snippets: int = 3, window: int = 24, dtype: str = "auto") -> list[FeatureCard]:
     """Cards for the ``per_emotion`` highest-weighted latents of each emotion in ``dirs``."""
     by_id = {r.id: r for r in records}
     chosen: list[tuple[str, int, float]] = []

@@ -101,6 +101,29 @@ def verify_sha256(path: Path, expected: str) -> str:
     return actual
 
 
+def bf16_is_fast(device: str | torch.device = "cpu") -> bool:
+    """Whether ``device`` has bfloat16 matrix units: a CUDA GPU that supports bf16, or a CPU with
+    AVX512-BF16 or AMX. Elsewhere bf16 matmuls are emulated and ~7x slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A torch dtype from a name; ``"auto"`` is bfloat16 where `bf16_is_fast`, else float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+    resolved = getattr(torch, dtype, None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"Unknown dtype '{dtype}': use 'auto', 'float32', 'bfloat16' or 'float16'.")
+    return resolved
+
+
 def load_hf(
     name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> tuple[Any, Any, ModelIdentity]:
@@ -271,7 +294,7 @@ def load_model(
         device: torch device.
         keep_hf: keep the HF twin for fast generation (`hf_twin`); memory x2.
     """
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    torch_dtype = resolve_dtype(dtype, device)
     if name_or_path == EMBEDDED_NAME or Path(name_or_path).exists():
         hf, tokenizer, identity = load_hf(name_or_path, dtype=torch_dtype, device=device)
         model = hooked_from_hf(hf, tokenizer, identity.name, keep_hf=keep_hf)

@@ -46,13 +46,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .config import ConfigError, RunConfig
+from .models import bf16_is_fast
 from .saes import (ARCHITECTURES, CFG_FILE, WEIGHTS_FILE, SAETrainConfig, _write_json_atomic,
                    pack_texts, resid_hook, special_token_ids)
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-    from .config import RunConfig
     from .corpus import CorpusRecord
 
 log = logging.getLogger(__name__)
@@ -284,7 +285,7 @@ def train_sae(run_cfg: RunConfig, out_dir: str | Path | None = None, model: Hook
         n_batches_in_buffer=tcfg.n_batches_in_buffer, training_tokens=tcfg.training_tokens,
         store_batch_size_prompts=tcfg.store_batch_size_prompts,
         train_batch_size_tokens=tcfg.train_batch_size_tokens, prepend_bos=False,
-        exclude_special_tokens=exclude, device=device, autocast_lm=tcfg.llm_autocast, seed=tcfg.seed,
+        exclude_special_tokens=exclude, device=device, autocast_lm=llm_autocast(tcfg, device), seed=tcfg.seed,
         lr=tcfg.lr, lr_warm_up_steps=min(tcfg.lr_warm_up_steps, steps // 2),
         lr_decay_steps=int(tcfg.lr_decay_fraction * steps), dead_feature_window=tcfg.dead_feature_window,
         feature_sampling_window=max(tcfg.dead_feature_window, 100), n_eval_batches=2,
@@ -381,6 +382,15 @@ def evaluate_run_sae(run_cfg: RunConfig, sae_path: str | Path | None = None,
     if save_to:
         evals.save(save_to)
     return evals
+
+
+def llm_autocast(tcfg: SAETrainConfig, device: str) -> bool:
+    """The config's ``llm_autocast`` with 'auto' resolved for ``device``."""
+    if tcfg.llm_autocast == "auto":
+        return bf16_is_fast(device)
+    if not isinstance(tcfg.llm_autocast, bool):
+        raise ConfigError(f"sae.train.llm_autocast: expected true, false or 'auto', got {tcfg.llm_autocast!r}")
+    return tcfg.llm_autocast
 
 
 def evals_inputs_key(run_cfg: RunConfig) -> str:

@@ -106,8 +106,9 @@ class SAETrainConfig:
     """Steps without firing after which a latent counts as dead (and joins the AuxK loss)."""
     n_batches_for_norm_estimate: int = 20
     """SAE batches used to estimate the input scaling factor."""
-    llm_autocast: bool = False
-    """Run the model in bfloat16 autocast while generating activations (faster; GPU or bf16 CPU)."""
+    llm_autocast: bool | str = "auto"
+    """Run the model in bfloat16 autocast while generating activations: true, false, or 'auto'
+    (where the hardware has bf16 units: faster there, much slower on CPUs without them)."""
     kinds: list[str] = field(default_factory=lambda: ["story", "dialogue", "neutral", "general"])
     """Corpus kinds in the training mix ('general' is model-written text on diverse prompts)."""
     splits: list[str] = field(default_factory=lambda: ["train", "val"])

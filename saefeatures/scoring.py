@@ -45,8 +45,9 @@ class ScoringConfig:
 
     split: str = "train"
     """Corpus split scored (directions are built from it; the test split stays held out)."""
-    dtype: str = "bfloat16"
-    """Dtype of the model's forward pass (the SAE encodes in float32)."""
+    dtype: str = "auto"
+    """Dtype of the model's forward pass ('auto': bfloat16 where the hardware has bf16 units, else
+    float32); the SAE encodes in its own dtype."""
     batch_tokens: int = 4096
     """Padded tokens per forward batch."""
     max_tokens: int = 256

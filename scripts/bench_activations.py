@@ -3,9 +3,11 @@
     python scripts/bench_activations.py [--records 240] [--layer 20]
 
 On the same records of the shipped corpus, in one run:
-  * collector: `collect_pooled` (bf16, stop after the layer, only the needed hook, length-bucketed);
+  * collector: `collect_pooled` (dtype 'auto': bf16 where the CPU/GPU has bf16 units, else fp32;
+    stop after the layer, only the needed hook, length-bucketed);
   * naive: TransformerLens `run_with_cache` over the whole model in float32, batch 1;
-  * peak: a plain bf16 matrix multiply of the machine's size class (FLOP/s).
+  * peak: a plain matrix multiply in the collector's dtype (FLOP/s); the other dtype's peak is
+    printed too, to show why 'auto' chose as it did.
 Prints tokens/s of each, the collector/naive ratio, and the collector's achieved FLOP/s (2 x
 parameters used per token, plus attention) as a fraction of the peak. Goal: >= 3x naive, >= 50% of peak.
 """
@@ -19,7 +21,7 @@ import torch
 
 from saefeatures.activations import ActivationConfig, collect_pooled, tokenize_texts
 from saefeatures.corpus import load_corpus
-from saefeatures.models import load_model
+from saefeatures.models import load_model, resolve_dtype
 
 
 def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, reps: int = 10) -> float:
@@ -68,15 +70,19 @@ def main() -> None:
             cache[hook][0, 1:].mean(0)
     t_naive = time.perf_counter() - t0
 
-    peak = matmul_peak()
+    dtype = resolve_dtype(ActivationConfig().dtype)
+    peaks = {dt: matmul_peak(dt) for dt in (torch.bfloat16, torch.float32)}
+    peak = peaks[dtype]
     collect_tps, naive_tps = n_tokens / t_collect, n_tokens / t_naive
     achieved = collect_tps * flops_per_token(model, args.layer + 1, mean_len / 2)
     print(f"records {len(records)}, tokens {n_tokens}, mean length {mean_len:.0f}, layer {args.layer}, "
           f"threads {torch.get_num_threads()}")
-    print(f"collector (bf16, stop at layer, bucketed): {collect_tps:8.0f} tokens/s")
+    name = str(dtype).removeprefix("torch.")
+    print(f"collector ({name}, stop at layer, bucketed): {collect_tps:8.0f} tokens/s")
     print(f"naive (run_with_cache, fp32, batch 1):     {naive_tps:8.0f} tokens/s")
     print(f"ratio collector / naive:                  {collect_tps / naive_tps:8.2f}x")
-    print(f"bf16 matmul peak:                          {peak / 1e9:8.0f} GFLOP/s")
+    for dt, value in peaks.items():
+        print(f"{str(dt).removeprefix('torch.'):>8} matmul peak:                     {value / 1e9:8.0f} GFLOP/s")
     print(f"collector achieved:                        {achieved / 1e9:8.0f} GFLOP/s = {achieved / peak:.0%} of peak")
 
 

@@ -27,8 +27,9 @@ def small_run(model, tmp_path_factory):
         "sae_directions": {"recipe": {"ks": [1, 4]}, "main_k": 4, "output_candidates": 4,
                            "cards_per_emotion": 1, "card_snippets": 2},
         "monitor": {"calibration_texts": 8},
-        "steering": {"emotions": ["happy", "afraid"], "strengths": [0.0, 0.2], "samples_per_prompt": 1,
-                     "max_new_tokens": 8, "preference": False, "prompts": ["Tell me about your day."]},
+        "steering": {"emotions": ["happy", "afraid"], "strengths": [0.0, 0.1, 0.2], "samples_per_prompt": 2,
+                     "max_new_tokens": 16, "preference": False,
+                     "prompts": ["Tell me about your day.", "Describe your street."]},
         "tracking": {"mode": "offline"},
     })
     out = root / "out"
@@ -69,7 +70,7 @@ def test_report_has_every_section(small_run):
     _, out, _ = small_run
     html = (out / "report.html").read_text()
     for heading in ("Timings", "Corpus", "Emotion directions: dense vs SAE-assembled", "Feature cards",
-                    "Context probes", "Steering", "Monitor examples", "SAE quality"):
+                    "Context probes", "Steering", "Monitor examples", "SAE quality (held-out text)"):
         assert f"<h2>{heading}</h2>" in html, heading
     assert "data:image/png;base64," in html and "http://" not in html.replace("http://www.w3.org", "")
 
