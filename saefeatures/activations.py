@@ -183,11 +183,80 @@ def _read_shards(out_dir: Path) -> PooledActivations:
     return PooledActivations(ids, {k: torch.cat(v) for k, v in parts.items()})
 
 
-def _write_shard(out_dir: Path, index: int, ids: list[str], acts: dict[str, Tensor]) -> None:
-    path = out_dir / f"shard-{index:05d}.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in acts.items()}, str(tmp), metadata={"ids": json.dumps(ids)})
-    os.replace(tmp, path)
+def pooling_meta(names: Sequence[str], cfg, dtype: torch.dtype) -> dict:
+    """What makes pooled rows comparable: hooks, compute dtype, truncation and skipped tokens
+    (``cfg``: an ActivationConfig, or any config with ``max_tokens`` and ``skip_first``)."""
+    return {"hooks": list(names), "dtype": str(dtype).removeprefix("torch."), "max_tokens": cfg.max_tokens,
+            "skip_first": cfg.skip_first}
+
+
+class PooledStore:
+    """Pooled rows appended as they are computed: to safetensors shards in ``out_dir`` (a shard
+    of ``shard_records`` rows is the unit of resume), or kept in memory when ``out_dir`` is None.
+
+    Rows of records already stored are dropped, so any pass over the corpus (the activation
+    collector, the latent-scoring pass) can feed the same store and none is computed twice.
+    """
+
+    def __init__(self, out_dir: Path | str | None, meta: dict, shard_records: int = 1024):
+        self.out = Path(out_dir) if out_dir is not None else None
+        self.names: list[str] = meta["hooks"]
+        self.shard_records = shard_records
+        self.done: set[str] = set()
+        self.shard_index = 0
+        self._buf_ids: list[str] = []
+        self._buf: dict[str, list[Tensor]] = {n: [] for n in self.names}
+        self._mem_ids: list[str] = []
+        self._mem: dict[str, list[Tensor]] = {n: [] for n in self.names}
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _check_meta(self.out, meta)
+            for path in _shard_paths(self.out):
+                with safe_open(str(path), framework="pt") as f:
+                    self.done.update(json.loads(f.metadata()["ids"]))
+                    missing = set(self.names) - set(f.keys())
+                if missing:
+                    raise ValueError(f"{path} lacks {sorted(missing)}; delete {self.out} to recollect.")
+                self.shard_index += 1
+
+    def add(self, ids: Sequence[str], pooled: dict[str, Tensor]) -> None:
+        """Append the rows of ``ids`` not stored yet; a full buffer is written as a shard."""
+        keep = [row for row, i in enumerate(ids) if i not in self.done]
+        if not keep:
+            return
+        rows = torch.tensor(keep)
+        self._buf_ids.extend(ids[row] for row in keep)
+        self.done.update(ids[row] for row in keep)
+        for n in self.names:
+            self._buf[n].append(pooled[n][rows].float().cpu())
+        if len(self._buf_ids) >= self.shard_records:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows as one shard (atomically), or move them to memory."""
+        if not self._buf_ids:
+            return
+        acts = {n: torch.cat(v) for n, v in self._buf.items()}
+        if self.out is not None:
+            path = self.out / f"shard-{self.shard_index:05d}.safetensors"
+            tmp = path.with_suffix(".tmp")
+            save_file({k: v.contiguous() for k, v in acts.items()}, str(tmp),
+                      metadata={"ids": json.dumps(self._buf_ids)})
+            os.replace(tmp, path)
+            self.shard_index += 1
+        else:
+            self._mem_ids.extend(self._buf_ids)
+            for n, v in acts.items():
+                self._mem[n].append(v)
+        self._buf_ids, self._buf = [], {n: [] for n in self.names}
+
+    def read(self, ids: Sequence[str]) -> PooledActivations:
+        """The stored rows of ``ids``, in that order (after a `flush`)."""
+        if self.out is not None:
+            pooled = _read_shards(self.out)
+        else:
+            pooled = PooledActivations(self._mem_ids, {n: torch.cat(v) for n, v in self._mem.items()})
+        return pooled.subset(ids)
 
 
 def collect_pooled(
@@ -209,61 +278,28 @@ def collect_pooled(
     for layer in layers:
         check_layer(model, layer)
     names = [hook_name(layer, cfg.hook) for layer in layers]
-    out = Path(out_dir) if out_dir is not None else None
-    done: set[str] = set()
-    shard_index = 0
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        _check_meta(out, names, cfg, resolve_dtype(cfg.dtype, model.cfg.device))
-        for path in _shard_paths(out):
-            with safe_open(str(path), framework="pt") as f:
-                done.update(json.loads(f.metadata()["ids"]))
-                missing = set(names) - set(f.keys())
-            if missing:
-                raise ValueError(f"{path} lacks {sorted(missing)}; delete {out} to recollect.")
-            shard_index += 1
-    todo = [r for r in records if r.id not in done]
-    if done:
-        log.info("%s: %d records already pooled in %s, %d to go", desc, len(done), out, len(todo))
+    store = PooledStore(out_dir, pooling_meta(names, cfg, resolve_dtype(cfg.dtype, model.cfg.device)),
+                        cfg.shard_records)
+    todo = [r for r in records if r.id not in store.done]
+    if store.done:
+        log.info("%s: %d records already pooled in %s, %d to go", desc, len(store.done), out_dir, len(todo))
     run_model = with_dtype(model, cfg.dtype)
-    buf_ids: list[str] = []
-    buf: dict[str, list[Tensor]] = {n: [] for n in names}
-    mem_ids: list[str] = []
-    mem: dict[str, list[Tensor]] = {n: [] for n in names}
-
-    def flush() -> None:
-        nonlocal shard_index, buf_ids, buf
-        if out is not None and buf_ids:
-            _write_shard(out, shard_index, buf_ids, {n: torch.cat(v) for n, v in buf.items()})
-            shard_index += 1
-        else:
-            mem_ids.extend(buf_ids)
-            for n, v in buf.items():
-                mem[n].extend(v)
-        buf_ids, buf = [], {n: [] for n in names}
-
-    # Batches are formed within each shard-sized chunk so a shard holds whole batches.
-    for start in tqdm(range(0, len(todo), cfg.shard_records), desc=desc, unit="shard",
-                      disable=len(todo) <= cfg.shard_records):
-        chunk = todo[start : start + cfg.shard_records]
-        for batch in iter_batches(model.tokenizer, [r.id for r in chunk], [r.text for r in chunk],
-                                  cfg.batch_tokens, cfg.max_tokens):
-            acts = forward_hooks(run_model, batch.tokens, names)
-            mask = batch.content_mask(cfg.skip_first)
-            buf_ids.extend(batch.ids)
-            for n in names:
-                buf[n].append(pool_batch(acts[n], mask).cpu())
-        flush()
-    if out is None:
-        pooled = PooledActivations(mem_ids, {n: torch.cat(v) for n, v in mem.items()})
-    else:
-        pooled = _read_shards(out)
-    return pooled.subset([r.id for r in records])
+    with tqdm(total=len(todo), desc=desc, unit="record", disable=len(todo) < 64) as bar:
+        # Batches are formed within each shard-sized chunk so a shard holds whole batches.
+        for start in range(0, len(todo), cfg.shard_records):
+            chunk = todo[start : start + cfg.shard_records]
+            for batch in iter_batches(model.tokenizer, [r.id for r in chunk], [r.text for r in chunk],
+                                      cfg.batch_tokens, cfg.max_tokens):
+                acts = forward_hooks(run_model, batch.tokens, names)
+                mask = batch.content_mask(cfg.skip_first)
+                store.add(batch.ids, {n: pool_batch(acts[n], mask) for n in names})
+                bar.update(len(batch.ids))
+            store.flush()
+    return store.read([r.id for r in records])
 
 
-def _check_meta(out: Path, names: list[str], cfg: ActivationConfig, dtype: torch.dtype) -> None:
+def _check_meta(out: Path, meta: dict) -> None:
     """Refuse to resume into a directory collected with different settings."""
-    meta = {"hooks": names, "dtype": str(dtype).removeprefix("torch."), "max_tokens": cfg.max_tokens, "skip_first": cfg.skip_first}
     path = out / "collection.json"
     if path.exists():
         old = json.loads(path.read_text())

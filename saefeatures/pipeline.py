@@ -1,8 +1,8 @@
 """`saefeatures run`: the whole study as a chain of cached stages over one run directory.
 
-model -> corpus -> activations -> dense directions -> SAE -> latent scores -> SAE directions ->
-evaluations (geometry, detection, EmoBank) -> feature cards -> probes and monitor -> steering ->
-report. Each stage writes its artifacts to the run directory; a rerun skips stages whose inputs
+model -> corpus -> SAE -> latent scores (whose forward pass also pools the train split) ->
+activations (the rest) -> dense directions -> SAE directions -> evaluations (geometry, detection,
+EmoBank) -> feature cards -> probes and monitor -> steering -> report. Each stage writes its artifacts to the run directory; a rerun skips stages whose inputs
 did not change, and an interrupted one resumes.
 """
 
@@ -20,14 +20,14 @@ import numpy as np
 import torch
 
 from . import config as config_mod
-from .activations import PooledActivations, collect_pooled, hook_name
+from .activations import PooledActivations, PooledStore, collect_pooled, hook_name, pooling_meta
 from .config import RunConfig
 from .corpus import DEFAULT_CORPUS, corpus_stats, load_corpus
 from .directions import EmotionDirections, build_dense, build_sae
 from .evals.emobank import load_emobank
 from .evals.suite import DirectionReport, EvalData, evaluate_directions
 from .geometry import save_plots
-from .models import check_layer, default_layer, load_model, model_identity, sha256_file
+from .models import check_layer, default_layer, load_model, model_identity, resolve_dtype, sha256_file
 from .rundir import RunDir, key_of, package_versions, write_json
 from .scoring import LatentScores, score_latents
 from .tracking import Tracker
@@ -70,14 +70,31 @@ def stage_corpus(study: Study) -> None:
                                 "min_per_emotion": stats["min_per_emotion"], "n_emotions": stats["n_emotions"]})
 
 
+def activations_dir(study: Study) -> Path:
+    return study.run.path / "activations" / f"L{study.layer}"
+
+
 def stage_activations(study: Study) -> PooledActivations:
+    """Pooled activations of the train and evaluation splits (rows the scoring pass already
+    stored are read back, not recomputed)."""
     cfg = study.cfg.activations
-    out = study.run.path / "activations" / f"L{study.layer}"
     key = key_of(study.corpus_key, model_identity(study.model).sha256, study.layer, config_mod.to_dict(cfg))
     needed = [r for r in study.records if r.split in ("train", study.cfg.evals.split)]
     with study.run.stage("activations", key):
-        acts = collect_pooled(study.model, needed, cfg, out, layers=[study.layer])
+        acts = collect_pooled(study.model, needed, cfg, activations_dir(study), layers=[study.layer])
     return acts
+
+
+def shared_store(study: Study, sae) -> PooledStore | None:
+    """The activation stage's store, for the scoring pass to fill as it goes: one forward pass
+    over the train split serves both stages when they pool the same hook the same way."""
+    acfg, scfg = study.cfg.activations, study.cfg.scoring
+    device = study.model.cfg.device
+    meta = pooling_meta([study.hook], acfg, resolve_dtype(acfg.dtype, device))
+    if (sae.cfg.metadata.hook_name != study.hook
+            or pooling_meta([study.hook], scfg, resolve_dtype(scfg.dtype, device)) != meta):
+        return None
+    return PooledStore(activations_dir(study), meta, acfg.shard_records)
 
 
 def emobank_eval_data(study: Study) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
@@ -202,7 +219,7 @@ def stage_scores(study: Study, sae) -> LatentScores:
     key = key_of(study.corpus_key, study.layer, float(sae.W_dec.detach().double().sum()), config_mod.to_dict(cfg))
     if not study.run.is_done("scoring", key, (out / "scores.json",)):
         with study.run.stage("scoring", key):
-            score_latents(study.model, sae, records, cfg).save(out)
+            score_latents(study.model, sae, records, cfg, pooled=shared_store(study, sae)).save(out)
     return LatentScores.load(out)
 
 
@@ -333,12 +350,12 @@ def run_study(cfg: RunConfig, out: Path | str, config_path: str | None = None, m
     study = open_study(cfg, out, config_path, model)
     tracker = Tracker(cfg.tracking, study.run.path, config_mod.to_dict(cfg), name=Path(out).name)
     with tracker:
+        sae = stage_sae(study)
+        scores = stage_scores(study, sae)  # also pools the train split for the activation stage
         acts = stage_activations(study)
         data = eval_data(study, acts)
         dense = stage_dense(study, acts)
         report_directions(study, dense, data, "dense")
-        sae = stage_sae(study)
-        scores = stage_scores(study, sae)
         sae_dirs = stage_sae_directions(study, sae, scores, dense, data)
         main = sae_dirs.get(cfg.sae_directions.main_k) or next(iter(sae_dirs.values()))
         stage_cards(study, sae, scores, main, tracker)

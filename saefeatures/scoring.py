@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import emotions as emo
-from .activations import forward_hooks, iter_batches, pool_batch, with_dtype
+from .activations import PooledStore, forward_hooks, iter_batches, pool_batch, with_dtype
 
 NEUTRAL = "neutral"
 
@@ -258,8 +258,13 @@ def score_classes(records: Sequence) -> list[str]:
 
 @torch.inference_mode()
 def score_latents(model, sae, records: Sequence, cfg: ScoringConfig = ScoringConfig(),
-                  desc: str = "scoring") -> LatentScores:
-    """One pass over ``records`` (``.id``, ``.text``, ``.emotion``) accumulating per-class latent statistics."""
+                  desc: str = "scoring", pooled: PooledStore | None = None) -> LatentScores:
+    """One pass over ``records`` (``.id``, ``.text``, ``.emotion``) accumulating per-class latent statistics.
+
+    With ``pooled`` (a store of the SAE's hook whose pooling settings are this config's), the
+    pass also stores each record's pooled residual, so the activation stage need not run the
+    model over these records again.
+    """
     hook = sae.cfg.metadata.hook_name
     classes = score_classes(records)
     cls_index = {c: i for i, c in enumerate(classes)}
@@ -271,6 +276,8 @@ def score_latents(model, sae, records: Sequence, cfg: ScoringConfig = ScoringCon
     def latents(batches):
         for batch in batches:
             resid = forward_hooks(run_model, batch.tokens, [hook])[hook]
+            if pooled is not None:
+                pooled.add(batch.ids, {hook: pool_batch(resid, batch.content_mask(cfg.skip_first))})
             yield batch, sae.encode(resid.to(sae.device, sae_dtype)).float().cpu()
 
     def batches_of(recs: Sequence) -> list:
@@ -286,4 +293,6 @@ def score_latents(model, sae, records: Sequence, cfg: ScoringConfig = ScoringCon
     for batch, lat in tqdm(latents(batches), desc=desc, unit="batch", total=len(batches), disable=len(records) < 64):
         acc.update(lat, batch.content_mask(cfg.skip_first), torch.tensor([label[i] for i in batch.ids]),
                    torch.tensor([rec_index[i] for i in batch.ids]))
+    if pooled is not None:
+        pooled.flush()
     return acc.finish()

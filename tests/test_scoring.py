@@ -86,6 +86,26 @@ def test_streaming_statistics_equal_dense_computation(model, random_sae, tmp_pat
     assert back.classes == s.classes and torch.equal(back.hist, s.hist) and torch.equal(back.sum, s.sum)
 
 
+def test_scoring_pass_fills_the_activation_store(model, random_sae, tmp_path, monkeypatch):
+    import saefeatures.activations as A
+
+    cfg = ScoringConfig(dtype="float32", batch_tokens=64)
+    acfg = A.ActivationConfig(dtype="float32", shard_records=3)
+    hook = random_sae.cfg.metadata.hook_name
+    reference = A.collect_pooled(model, RECS, acfg, layers=[6])
+    store = A.PooledStore(tmp_path, A.pooling_meta([hook], acfg, torch.float32), acfg.shard_records)
+    score_latents(model, random_sae, RECS[:5], cfg, pooled=store)
+    assert len(list(tmp_path.glob("shard-*.safetensors"))) == 2  # 5 records, each stored once
+
+    calls = []
+    real = A.forward_hooks
+    monkeypatch.setattr(A, "forward_hooks", lambda m, tokens, names: calls.append(len(tokens)) or real(m, tokens, names))
+    acts = A.collect_pooled(model, RECS, acfg, tmp_path, layers=[6])
+    assert sum(calls) == len(RECS) - 5  # only the records the scoring pass did not see
+    assert acts.ids == [r.id for r in RECS]
+    torch.testing.assert_close(acts[hook], reference[hook], atol=1e-4, rtol=1e-4)
+
+
 def test_histogram_auroc_is_exact_when_values_fall_in_distinct_bins():
     classes = ["afraid", "calm"]
     acc = ScoreAccumulator(classes, torch.tensor([30.0]), "h", [str(i) for i in range(6)], ScoringConfig())
