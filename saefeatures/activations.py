@@ -38,7 +38,8 @@ class ActivationConfig:
     """How activations are collected and pooled."""
 
     layers: list[int] = field(default_factory=list)
-    """Layers to collect; empty means the run's model layer."""
+    """Layers pooled besides the run's model layer: `saefeatures run` compares the dense recipe at
+    each in its layer sweep (layers up to the model layer cost no extra forward compute)."""
     hook: str = "hook_resid_post"
     """TransformerLens hook name within each block."""
     dtype: str = "auto"

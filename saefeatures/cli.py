@@ -123,15 +123,18 @@ def cmd_activations(args: argparse.Namespace) -> None:
 
 
 def cmd_directions(args: argparse.Namespace) -> None:
-    from .pipeline import (eval_data, open_study, report_directions, stage_activations, stage_dense, stage_sae,
-                           stage_sae_directions, stage_scores)
+    from .pipeline import (eval_data, open_study, report_directions, stage_activations, stage_dense,
+                           stage_emobank, stage_sae, stage_sae_directions, stage_scores)
 
     if args.recipe not in ("dense", "sae"):
         raise ValueError(f"Unknown recipe '{args.recipe}'; use 'dense' or 'sae'.")
     study = open_study(_config(args.config), args.out, args.config)
+    if args.recipe == "sae":  # scoring first: its forward pass also pools the train split
+        sae = stage_sae(study)
+        scores = stage_scores(study, sae)
     acts = stage_activations(study)
     evaluate = args.directions_command == "eval"
-    data = eval_data(study, acts) if evaluate else None
+    data = eval_data(study, acts, stage_emobank(study)) if evaluate else None
     dense = stage_dense(study, acts)
     if args.recipe == "dense":
         if evaluate:
@@ -139,8 +142,7 @@ def cmd_directions(args: argparse.Namespace) -> None:
         _print({"saved": str(study.run.path / "directions" / "dense"), "emotions": len(dense.names),
                 **({"metrics": study.run.metrics.get("dense")} if evaluate else {})})
         return
-    sae = stage_sae(study)
-    built = stage_sae_directions(study, sae, stage_scores(study, sae), dense, data)
+    built = stage_sae_directions(study, sae, scores, dense, data)
     _print({"saved": [str(study.run.path / "directions" / f"sae-k{k}") for k in built],
             **({"metrics": study.run.metrics.get("sae")} if evaluate else {})})
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .activations import collect_pooled, hook_name
+from .activations import PooledActivations, collect_pooled, hook_name
 from .config import RunConfig
 from .corpus import load_corpus
 from .directions import build_dense
@@ -31,6 +31,15 @@ def sweep_layers(cfg: RunConfig, layers: list[int], out: Path | str) -> list[dic
     acts = collect_pooled(model, records, cfg.activations, out / "corpus", layers=layers, desc="sweep corpus")
     sentences = load_emobank(cfg.evals.emobank_path, limit=cfg.evals.emobank_limit)
     eb = collect_pooled(model, sentences, cfg.activations, out / "emobank", layers=layers, desc="sweep emobank")
+    rows = sweep_rows(cfg, layers, records, acts, eb, np.array([s.valence for s in sentences]),
+                      np.array([s.arousal for s in sentences]))
+    write_json(out / "sweep.json", rows)
+    return rows
+
+
+def sweep_rows(cfg: RunConfig, layers: list[int], records: list, acts: PooledActivations,
+               emobank: PooledActivations, valence: np.ndarray, arousal: np.ndarray) -> list[dict[str, float]]:
+    """One row of metrics per layer from activations already pooled at every layer."""
     train = [r for r in records if r.split == "train" and r.emotion != "neutral"]
     neutral = [r for r in records if r.split == "train" and r.emotion == "neutral"]
     test = [r for r in records if r.split == cfg.evals.split and r.emotion != "neutral"]
@@ -39,12 +48,11 @@ def sweep_layers(cfg: RunConfig, layers: list[int], out: Path | str) -> list[dic
         hook = hook_name(layer, cfg.activations.hook)
         dirs = build_dense(acts.subset([r.id for r in train])[hook], [r.emotion for r in train],
                            acts.subset([r.id for r in neutral])[hook], layer, cfg.directions, hook)
-        data = EvalData(acts.subset([r.id for r in test])[hook], [r.emotion for r in test], eb[hook],
-                        np.array([s.valence for s in sentences]), np.array([s.arousal for s in sentences]))
+        data = EvalData(acts.subset([r.id for r in test])[hook], [r.emotion for r in test], emobank[hook],
+                        valence, arousal)
         rep = evaluate_directions(dirs, data)
         rows.append({"layer": layer, **rep.metrics})
         log.info("layer %d: %s", layer, {k: round(v, 3) for k, v in rep.metrics.items()})
-    write_json(out / "sweep.json", rows)
     return rows
 
 

@@ -50,6 +50,15 @@ class Study:
     def hook(self) -> str:
         return hook_name(self.layer, self.cfg.activations.hook)
 
+    @property
+    def layers(self) -> list[int]:
+        """Layers pooled: the run's layer plus ``activations.layers`` (the report's layer sweep)."""
+        return sorted({self.layer, *self.cfg.activations.layers})
+
+    @property
+    def hooks(self) -> list[str]:
+        return [hook_name(layer, self.cfg.activations.hook) for layer in self.layers]
+
 
 def smoke_reply(model, prompt: str, max_new_tokens: int = 40) -> str:
     """Greedy chat reply from the HF twin: a quick check that the model loads and generates."""
@@ -70,8 +79,16 @@ def stage_corpus(study: Study) -> None:
                                 "min_per_emotion": stats["min_per_emotion"], "n_emotions": stats["n_emotions"]})
 
 
-def activations_dir(study: Study) -> Path:
-    return study.run.path / "activations" / f"L{study.layer}"
+def pooling(study: Study, cfg=None) -> dict:
+    """How the run pools activations (hooks, dtype, truncation; ``cfg``: activations or scoring)."""
+    cfg = cfg or study.cfg.activations
+    return pooling_meta(study.hooks, cfg, resolve_dtype(cfg.dtype, study.model.cfg.device))
+
+
+def activations_dir(study: Study, name: str = "corpus") -> Path:
+    """Where pooled activations go: one directory per pooling setting, so a changed config pools
+    afresh beside the old rows instead of mixing with them."""
+    return study.run.path / "activations" / f"{name}-L{study.layer}-{key_of(pooling(study))[:8]}"
 
 
 def stage_activations(study: Study) -> PooledActivations:
@@ -81,37 +98,51 @@ def stage_activations(study: Study) -> PooledActivations:
     key = key_of(study.corpus_key, model_identity(study.model).sha256, study.layer, config_mod.to_dict(cfg))
     needed = [r for r in study.records if r.split in ("train", study.cfg.evals.split)]
     with study.run.stage("activations", key):
-        acts = collect_pooled(study.model, needed, cfg, activations_dir(study), layers=[study.layer])
+        acts = collect_pooled(study.model, needed, cfg, activations_dir(study), layers=study.layers)
     return acts
 
 
 def shared_store(study: Study, sae) -> PooledStore | None:
     """The activation stage's store, for the scoring pass to fill as it goes: one forward pass
     over the train split serves both stages when they pool the same hook the same way."""
-    acfg, scfg = study.cfg.activations, study.cfg.scoring
-    device = study.model.cfg.device
-    meta = pooling_meta([study.hook], acfg, resolve_dtype(acfg.dtype, device))
-    if (sae.cfg.metadata.hook_name != study.hook
-            or pooling_meta([study.hook], scfg, resolve_dtype(scfg.dtype, device)) != meta):
+    meta = pooling(study)
+    if sae.cfg.metadata.hook_name != study.hook or pooling(study, study.cfg.scoring) != meta:
         return None
-    return PooledStore(activations_dir(study), meta, acfg.shard_records)
+    return PooledStore(activations_dir(study), meta, study.cfg.activations.shard_records)
 
 
-def emobank_eval_data(study: Study) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+def stage_emobank(study: Study) -> tuple[PooledActivations, np.ndarray, np.ndarray]:
+    """Pooled activations of the EmoBank sentences at every layer, and their human valence and arousal."""
     ev = study.cfg.evals
     sentences = load_emobank(ev.emobank_path, limit=ev.emobank_limit)
-    out = study.run.path / "activations" / f"emobank-L{study.layer}"
-    key = key_of(ev.emobank_path, ev.emobank_limit, study.layer, config_mod.to_dict(study.cfg.activations))
+    out = activations_dir(study, "emobank")
+    key = key_of(ev.emobank_path, ev.emobank_limit, study.layers, config_mod.to_dict(study.cfg.activations))
     with study.run.stage("emobank_activations", key):
-        acts = collect_pooled(study.model, sentences, study.cfg.activations, out, layers=[study.layer], desc="emobank")
-    return (acts[study.hook], np.array([s.valence for s in sentences]), np.array([s.arousal for s in sentences]))
+        acts = collect_pooled(study.model, sentences, study.cfg.activations, out, layers=study.layers, desc="emobank")
+    return acts, np.array([s.valence for s in sentences]), np.array([s.arousal for s in sentences])
 
 
-def eval_data(study: Study, acts: PooledActivations) -> EvalData:
+def eval_data(study: Study, acts: PooledActivations,
+              emobank: tuple[PooledActivations, np.ndarray, np.ndarray]) -> EvalData:
     split = study.cfg.evals.split
     test = [r for r in study.records if r.split == split and r.emotion != "neutral"]
-    eb_acts, eb_v, eb_a = emobank_eval_data(study)
-    return EvalData(acts.subset([r.id for r in test])[study.hook], [r.emotion for r in test], eb_acts, eb_v, eb_a)
+    eb_acts, eb_v, eb_a = emobank
+    return EvalData(acts.subset([r.id for r in test])[study.hook], [r.emotion for r in test], eb_acts[study.hook],
+                    eb_v, eb_a)
+
+
+def stage_sweep(study: Study, acts: PooledActivations,
+                emobank: tuple[PooledActivations, np.ndarray, np.ndarray]) -> None:
+    """The dense recipe at every pooled layer, one table (``sweep.json``, ``layer_sweep.L*`` metrics)."""
+    from .layer_sweep import sweep_rows
+
+    if len(study.layers) < 2:
+        return
+    with study.run.stage("layer_sweep"):
+        rows = sweep_rows(study.cfg, study.layers, study.records, acts, *emobank)
+        write_json(study.run.path / "sweep.json", rows)
+        study.run.record("layer_sweep", {f"L{r['layer']}": {k: v for k, v in r.items() if k != "layer"}
+                                         for r in rows})
 
 
 def stage_dense(study: Study, acts: PooledActivations) -> EmotionDirections:
@@ -148,7 +179,8 @@ def open_study(cfg: RunConfig, out: Path | str, config_path: str | None = None, 
             model = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
     identity = model_identity(model)
     layer = cfg.model.layer if cfg.model.layer is not None else default_layer(cfg.model.name, model.cfg.n_layers)
-    check_layer(model, layer)
+    for checked in {layer, *cfg.activations.layers}:
+        check_layer(model, checked)
     run.manifest["model"] = identity.to_dict()
     run.record("model", {"id": identity.name, "layer": layer})
     with run.stage("smoke"):
@@ -353,7 +385,9 @@ def run_study(cfg: RunConfig, out: Path | str, config_path: str | None = None, m
         sae = stage_sae(study)
         scores = stage_scores(study, sae)  # also pools the train split for the activation stage
         acts = stage_activations(study)
-        data = eval_data(study, acts)
+        emobank = stage_emobank(study)
+        data = eval_data(study, acts, emobank)
+        stage_sweep(study, acts, emobank)
         dense = stage_dense(study, acts)
         report_directions(study, dense, data, "dense")
         sae_dirs = stage_sae_directions(study, sae, scores, dense, data)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+import functools
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,19 @@ from . import emotions as emo
 from .activations import PooledStore, forward_hooks, iter_batches, pool_batch, with_dtype
 
 NEUTRAL = "neutral"
+
+
+def _memo(method):
+    """Compute a derived (classes x latents) score once: the statistics never change after the pass,
+    and selecting latents for 171 emotions asks for the same matrices again and again."""
+
+    @functools.wraps(method)
+    def wrapper(self):
+        if method.__name__ not in self._derived:
+            self._derived[method.__name__] = method(self)
+        return self._derived[method.__name__]
+
+    return wrapper
 
 
 @dataclass
@@ -90,6 +104,7 @@ class LatentScores:
     """(L,) each latent's histogram scale (see module doc)."""
     record_ids: list[str]
     config: dict[str, Any]
+    _derived: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------ derived scores
 
@@ -106,13 +121,16 @@ class LatentScores:
     def _emotion_rows(self) -> Tensor:
         return torch.tensor([c != NEUTRAL for c in self.classes])
 
+    @_memo
     def means(self) -> Tensor:
         return self.sum / self.count[:, None].clamp(min=1)
 
+    @_memo
     def variances(self) -> Tensor:
         n = self.count[:, None].clamp(min=1)
         return (self.sumsq / n - self.means() ** 2).clamp(min=0)
 
+    @_memo
     def _rest(self) -> tuple[Tensor, Tensor, Tensor]:
         """For each class: count, mean and variance of the records of the *other emotions*."""
         emo_rows = self._emotion_rows()
@@ -124,16 +142,19 @@ class LatentScores:
         var = ((q_all - self.sumsq * own) / n - mean**2).clamp(min=0)
         return n, mean, var
 
+    @_memo
     def mean_diff(self) -> Tensor:
         """(C, L) class mean minus the mean over the other emotions' records."""
         return (self.means() - self._rest()[1]).float()
 
+    @_memo
     def mean_diff_neutral(self) -> Tensor:
         """(C, L) class mean minus the neutral mean (zeros if neutral was not scored)."""
         if NEUTRAL not in self.classes:
             return torch.zeros_like(self.sum)
         return (self.means() - self.means()[self.index(NEUTRAL)]).float()
 
+    @_memo
     def cohens_d(self) -> Tensor:
         """(C, L) standardized mean difference vs the other emotions (pooled SD)."""
         n_rest, mean_rest, var_rest = self._rest()
@@ -141,6 +162,7 @@ class LatentScores:
         pooled = ((n - 1) * self.variances() + (n_rest - 1) * var_rest) / (n + n_rest - 2).clamp(min=1)
         return ((self.means() - mean_rest) / pooled.sqrt().clamp(min=1e-6)).float()
 
+    @_memo
     def firing_rate(self) -> Tensor:
         return self.fire / self.tokens[:, None].clamp(min=1)
 
@@ -152,6 +174,7 @@ class LatentScores:
         rest_tok = self.tokens[emo_rows].sum() - self.tokens * emo_rows
         return (self.firing_rate() + eps) / (rest_fire / rest_tok[:, None].clamp(min=1) + eps)
 
+    @_memo
     def auroc(self) -> Tensor:
         """(C, L) one-vs-other-emotions AUROC of pooled values, from the histograms (see module doc)."""
         zeros = (self.count[:, None] - self.hist.sum(-1)).unsqueeze(-1)
@@ -261,8 +284,8 @@ def score_latents(model, sae, records: Sequence, cfg: ScoringConfig = ScoringCon
                   desc: str = "scoring", pooled: PooledStore | None = None) -> LatentScores:
     """One pass over ``records`` (``.id``, ``.text``, ``.emotion``) accumulating per-class latent statistics.
 
-    With ``pooled`` (a store of the SAE's hook whose pooling settings are this config's), the
-    pass also stores each record's pooled residual, so the activation stage need not run the
+    With ``pooled`` (a store whose pooling settings are this config's), the pass also stores each
+    record's pooled activations at the store's hooks, so the activation stage need not run the
     model over these records again.
     """
     hook = sae.cfg.metadata.hook_name
@@ -273,12 +296,15 @@ def score_latents(model, sae, records: Sequence, cfg: ScoringConfig = ScoringCon
     run_model = with_dtype(model, cfg.dtype)
     sae_dtype = next(sae.parameters()).dtype
 
+    names = sorted({hook, *(pooled.names if pooled is not None else [])})
+
     def latents(batches):
         for batch in batches:
-            resid = forward_hooks(run_model, batch.tokens, [hook])[hook]
+            acts = forward_hooks(run_model, batch.tokens, names)
             if pooled is not None:
-                pooled.add(batch.ids, {hook: pool_batch(resid, batch.content_mask(cfg.skip_first))})
-            yield batch, sae.encode(resid.to(sae.device, sae_dtype)).float().cpu()
+                mask = batch.content_mask(cfg.skip_first)
+                pooled.add(batch.ids, {n: pool_batch(acts[n], mask) for n in pooled.names})
+            yield batch, sae.encode(acts[hook].to(sae.device, sae_dtype)).float().cpu()
 
     def batches_of(recs: Sequence) -> list:
         return list(iter_batches(model.tokenizer, [r.id for r in recs], [r.text for r in recs],

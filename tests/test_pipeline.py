@@ -22,6 +22,8 @@ def small_run(model, tmp_path_factory):
     corpus.write_text("".join(r.to_json() + "\n" for r in small))
     cfg = from_dict(RunConfig, {
         "corpus": {"path": str(corpus)},
+        "activations": {"layers": [12]},  # a two-layer sweep
+        "scoring": {"warmup_records": 32},
         "evals": {"emobank_limit": 150},
         "sae": {"eval": {"max_tokens": 2048, "ce_tokens": 512}},
         "sae_directions": {"recipe": {"ks": [1, 4]}, "main_k": 4, "output_candidates": 4,
@@ -64,12 +66,16 @@ def test_run_writes_manifest_metrics_report_and_directions(small_run):
     assert dense.layer == sae.layer == 20 and len(dense.names) == len(EMOTIONS)
     assert all(len(sae.latents[n]) <= 4 for n in sae.names) and dense.latents == {}
     assert list((out / "wandb").glob("offline-run-*"))
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [row["layer"] for row in sweep] == [12, 20]
+    assert sweep[1]["valence_r"] == pytest.approx(metrics["dense"]["valence_r"])  # same recipe, same data
+    assert isinstance(metrics["layer_sweep"]["L12"]["auroc"], float)
 
 
 def test_report_has_every_section(small_run):
     _, out, _ = small_run
     html = (out / "report.html").read_text()
-    for heading in ("Timings", "Corpus", "Emotion directions: dense vs SAE-assembled", "Feature cards",
+    for heading in ("Timings", "Corpus", "Layer sweep", "Emotion directions: dense vs SAE-assembled", "Feature cards",
                     "Context probes", "Steering", "Monitor examples", "SAE quality (held-out text)"):
         assert f"<h2>{heading}</h2>" in html, heading
     assert "data:image/png;base64," in html and "http://" not in html.replace("http://www.w3.org", "")
