@@ -4,7 +4,8 @@ The forward pass stops after the deepest needed layer, caches only the needed ho
 bfloat16 where the hardware has bf16 units, and batches records of similar length so little is spent on padding (right
 padding needs no attention mask in a causal model: pads only follow the real tokens). Each record
 is pooled over its content tokens: the first token (an attention sink with ~100x the norm of the
-others) and optionally the next ``skip_first`` tokens are left out, as is padding.
+others) and optionally the next ``skip_first`` tokens (the paper averages from later tokens on, where
+the story has set its emotion rather than its scene) are left out, as is padding.
 
 Example:
     >>> acts = collect_pooled(model, records, ActivationConfig(layers=[20]), out_dir="runs/x/acts")
@@ -28,7 +29,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from .models import check_layer, resolve_dtype
+from .hf_hooks import HookNameError, parse_hook_name, run_to_hooks
+from .models import HF_TWIN_ATTR, check_layer, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,8 @@ class ActivationConfig:
     max_tokens: int = 256
     """Records are truncated to this many tokens."""
     skip_first: int = 0
-    """Content tokens left out after the first (the paper pools from later tokens on)."""
+    """Content tokens left out after the first (the paper pools from later tokens on); a record
+    shorter than twice this keeps its second half."""
     shard_records: int = 1024
     """Records per safetensors shard (each shard is one unit of resume)."""
 
@@ -88,9 +91,12 @@ class TokenBatch:
     lengths: Int[Tensor, " batch"]
 
     def content_mask(self, skip_first: int = 0) -> torch.Tensor:
-        """True at positions pooled: after the first token (+ skip_first), before the padding."""
+        """True at positions pooled: after the first token (+ skip_first), before the padding. A
+        record too short to skip that many tokens keeps its second half (a short sentence is not
+        pooled over nothing)."""
         pos = torch.arange(self.tokens.shape[1])
-        return (pos[None, :] >= 1 + skip_first) & (pos[None, :] < self.lengths[:, None])
+        start = torch.clamp(self.lengths // 2, min=1, max=1 + skip_first)
+        return (pos[None, :] >= start[:, None]) & (pos[None, :] < self.lengths[:, None])
 
 
 def tokenize_texts(tokenizer, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
@@ -124,7 +130,15 @@ def iter_batches(
 def forward_hooks(
     model: HookedTransformer, tokens: Tensor, names: Sequence[str]
 ) -> dict[str, Float[Tensor, "batch pos d_model"]]:
-    """Activations at ``names`` only, stopping the forward pass after the deepest block needed."""
+    """Activations at ``names`` only, stopping the forward pass after the deepest block needed.
+
+    Runs on the model's HuggingFace twin (same weights; its SDPA attention made this pass ~1.5x
+    faster on CPU) when it has one in the same dtype, every name is addressable there, and no
+    hook is attached to the HookedTransformer (so TransformerLens-side interventions still apply).
+    """
+    hf = fast_twin(model, names)
+    if hf is not None:
+        return run_to_hooks(hf, tokens, names)
     deepest = max(int(n.split(".")[1]) for n in names)
     store: dict[str, Tensor] = {}
 
@@ -136,6 +150,19 @@ def forward_hooks(
         return_type=None,
     )
     return store
+
+
+def fast_twin(model: HookedTransformer, names: Sequence[str]):
+    """The HF twin `forward_hooks` may use for ``names``, or None (see there)."""
+    hf = getattr(model, HF_TWIN_ATTR, None)
+    if hf is None or hf.dtype != model.cfg.dtype or any(hp.fwd_hooks for hp in model.hook_dict.values()):
+        return None
+    try:
+        for name in names:
+            parse_hook_name(hf, name)
+    except HookNameError:
+        return None
+    return hf
 
 
 def pool_batch(acts: Tensor, mask: Tensor) -> Float[Tensor, "batch d_model"]:

@@ -62,7 +62,7 @@ class SAEDirectionsConfig:
     """The k whose directions are saved as RUN/directions/sae and used for cards and steering."""
     use_output_scores: bool = True
     """Measure what each candidate latent writes (clamp effects) for rank_by='output' / output_filter."""
-    output_candidates: int = 16
+    output_candidates: int = 8
     """Per emotion, the top latents by AUROC whose output effect is measured."""
     clamp_scale: float = 1.0
     """Candidates are clamped to this multiple of their largest corpus activation."""

@@ -156,3 +156,30 @@ def tl_named_hooks(hf: Any, hooks: Sequence[tuple[str, HookFn]]) -> Iterator[Pos
     finally:
         for h in handles:
             h.remove()
+
+
+class _Stop(Exception):
+    """Ends a forward pass once every requested activation is saved (see `run_to_hooks`)."""
+
+
+@torch.inference_mode()
+def run_to_hooks(hf: Any, tokens: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+    """Activations of the HF model at TransformerLens-named hooks for right-padded ``tokens``,
+    stopping the forward pass as soon as the last of them is computed (no attention mask is
+    needed: in a causal model right padding only follows the real tokens)."""
+    store: dict[str, Tensor] = {}
+
+    def saver(name: str) -> HookFn:
+        def fn(act: Tensor, positions: Tensor) -> None:  # noqa: ARG001
+            store[name] = act
+            if len(store) == len(names):
+                raise _Stop
+        return fn
+
+    with tl_named_hooks(hf, [(n, saver(n)) for n in names]):
+        try:
+            hf.base_model(input_ids=tokens.to(hf.device), use_cache=False)
+        except _Stop:
+            pass
+    return store
+

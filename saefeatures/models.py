@@ -41,7 +41,7 @@ SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCaus
 # or what a layer sweep picked for the model.
 DEFAULT_LAYERS = {EMBEDDED_NAME: 20, "gpt2-small": 8, "gemma-2-2b": 12, "llama-3.1-8b": 20}
 
-_HF_ATTR = "_saefeatures_hf_twin"
+HF_TWIN_ATTR = "_saefeatures_hf_twin"
 
 
 class ModelLoadError(ValueError):
@@ -271,7 +271,7 @@ def hooked_from_hf(hf: Any, tokenizer: Any, name: str, keep_hf: bool = True) -> 
     model.tokenizer = tokenizer
     model.eval()
     if keep_hf:
-        object.__setattr__(model, _HF_ATTR, hf)  # not a submodule: no duplicate parameters
+        object.__setattr__(model, HF_TWIN_ATTR, hf)  # not a submodule: no duplicate parameters
     return model
 
 
@@ -331,7 +331,7 @@ def model_identity(model: HookedTransformer) -> ModelIdentity:
 
 def hf_twin(model: HookedTransformer) -> Any:
     """The HuggingFace model `load_model` converted this HookedTransformer from (same weights)."""
-    hf = getattr(model, _HF_ATTR, None)
+    hf = getattr(model, HF_TWIN_ATTR, None)
     if hf is None:
         raise ModelLoadError(
             "This HookedTransformer has no HuggingFace twin; load it with "

@@ -251,7 +251,10 @@ def stage_scores(study: Study, sae) -> LatentScores:
     key = key_of(study.corpus_key, study.layer, float(sae.W_dec.detach().double().sum()), config_mod.to_dict(cfg))
     if not study.run.is_done("scoring", key, (out / "scores.json",)):
         with study.run.stage("scoring", key):
-            score_latents(study.model, sae, records, cfg, pooled=shared_store(study, sae)).save(out)
+            store = shared_store(study, sae)
+            held_out = [r for r in study.records if r.split == study.cfg.evals.split]
+            score_latents(study.model, sae, records, cfg, pooled=store,
+                          scale_records=held_out if store is not None and held_out else None).save(out)
     return LatentScores.load(out)
 
 
@@ -286,7 +289,7 @@ def stage_sae_directions(study: Study, sae, scores: LatentScores, dense: Emotion
         # clamping raises the emotion's own words
         au = scores.auroc()
         rows = [scores.index(n) for n in scores.classes if n != "neutral"]
-        top = au[rows].topk(min(cfg.main_k, scores.n_latents), dim=1).indices
+        top = au[rows].topk(min(cfg.main_k, cfg.output_candidates, scores.n_latents), dim=1).indices
         study.run.record("sae", {"output_positive_fraction": float((output[rows].gather(1, top) > 0).float().mean())})
     out = {}
     for k in cfg.recipe.ks:

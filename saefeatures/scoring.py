@@ -9,7 +9,7 @@ latent matrix of the corpus is never held.
 AUROC (one emotion's records vs the other emotions', on pooled values) is computed from the
 per-class histograms: zeros are exact, positive values fall in ``hist_bins`` equal bins per latent
 from 0 to ``hist_headroom`` x that latent's scale (its largest pooled value in a warm-up sample of
-``warmup_records`` records; larger values share the last bin), and pairs within one bin count one
+``warmup_records`` records, or in records given; larger values share the last bin), and pairs within one bin count one
 half. The error is bounded by the mass that shares a bin (bins are 2.3% of the scale by default;
 tests check it against the exact value).
 
@@ -281,12 +281,15 @@ def score_classes(records: Sequence) -> list[str]:
 
 @torch.inference_mode()
 def score_latents(model, sae, records: Sequence, cfg: ScoringConfig = ScoringConfig(),
-                  desc: str = "scoring", pooled: PooledStore | None = None) -> LatentScores:
+                  desc: str = "scoring", pooled: PooledStore | None = None,
+                  scale_records: Sequence | None = None) -> LatentScores:
     """One pass over ``records`` (``.id``, ``.text``, ``.emotion``) accumulating per-class latent statistics.
 
     With ``pooled`` (a store whose pooling settings are this config's), the pass also stores each
     record's pooled activations at the store's hooks, so the activation stage need not run the
-    model over these records again.
+    model over these records again. ``scale_records`` set each latent's histogram scale (default:
+    ``cfg.warmup_records`` records spread over ``records``); `saefeatures run` passes the
+    evaluation split, whose activations it pools anyway, so the warm-up costs no extra pass.
     """
     hook = sae.cfg.metadata.hook_name
     classes = score_classes(records)
@@ -310,9 +313,10 @@ def score_latents(model, sae, records: Sequence, cfg: ScoringConfig = ScoringCon
         return list(iter_batches(model.tokenizer, [r.id for r in recs], [r.text for r in recs],
                                  cfg.batch_tokens, cfg.max_tokens))
 
-    stride = max(1, len(records) // cfg.warmup_records)
+    if scale_records is None:
+        scale_records = records[:: max(1, len(records) // cfg.warmup_records)]
     scale = torch.zeros(sae.cfg.d_sae)
-    for batch, lat in latents(batches_of(records[::stride])):
+    for batch, lat in latents(batches_of(scale_records)):
         scale = torch.maximum(scale, pool_batch(lat, batch.content_mask(cfg.skip_first)).max(0).values)
     acc = ScoreAccumulator(classes, scale, hook, [r.id for r in records], cfg)
     batches = batches_of(records)

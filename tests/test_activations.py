@@ -3,8 +3,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from saefeatures.activations import (ActivationConfig, PooledActivations, collect_pooled, iter_batches,
-                                     with_dtype)
+from saefeatures.activations import (ActivationConfig, PooledActivations, collect_pooled, fast_twin,
+                                     forward_hooks, iter_batches, with_dtype)
 
 TEXTS = ["The kettle boiled while she read the letter twice.",
          "He parked the car, checked the mirror and walked to the office door without a word.",
@@ -37,6 +37,30 @@ def test_pooling_excludes_first_token_and_padding(model):
         torch.testing.assert_close(acts[HOOK][row], _hand_pool(model, r.text), atol=2e-4, rtol=1e-4)
     skip = collect_pooled(model, RECS[:1], ActivationConfig(dtype="float32", skip_first=3), layers=[6])
     torch.testing.assert_close(skip[HOOK][0], _hand_pool(model, TEXTS[0], skip_first=3), atol=2e-4, rtol=1e-4)
+
+
+def test_skipping_tokens_keeps_the_second_half_of_short_records(tokenizer):
+    texts = [" ".join(["word"] * 40), "Rain fell all night."]
+    batch = next(iter_batches(tokenizer, ["long", "short"], texts, 4096, 256))
+    mask = batch.content_mask(skip_first=10)
+    for row, n in enumerate(batch.lengths.tolist()):
+        start = 11 if n >= 22 else n // 2
+        assert mask[row].nonzero().flatten().tolist() == list(range(start, n)), (row, n)
+
+
+def test_fast_forward_matches_transformer_lens_and_yields_to_its_hooks(model):
+    batch = next(iter_batches(model.tokenizer, ["a", "b"], TEXTS[:2], 4096, 256))
+    names = [HOOK, "blocks.9.hook_resid_post"]
+    assert fast_twin(model, names) is not None
+    fast = forward_hooks(model, batch.tokens, names)
+    _, cache = model.run_with_cache(batch.tokens, names_filter=names)
+    for n in names:  # the attention sink (position 0) is left out, as everywhere
+        torch.testing.assert_close(fast[n][:, 1:], cache[n][:, 1:], atol=2e-4, rtol=1e-4)
+    assert fast_twin(model, ["blocks.6.attn.hook_pattern"]) is None  # not addressable on the HF model
+    with model.hooks(fwd_hooks=[("blocks.3.hook_resid_post", lambda act, hook: act + 1.0)]):
+        assert fast_twin(model, names) is None  # a TransformerLens intervention must apply
+        bumped = forward_hooks(model, batch.tokens, [HOOK])[HOOK]
+    assert (bumped - fast[HOOK])[:, 1:].abs().max() > 0.1
 
 
 def test_length_bucketing_respects_budget(tokenizer):
@@ -81,7 +105,7 @@ def test_resume_after_interruption(model, tmp_path, monkeypatch):
     assert len(list(out.glob("shard-*.safetensors"))) == 1
     resumed = collect_pooled(model, RECS, cfg, out, layers=[6])
     assert resumed.ids == full.ids
-    torch.testing.assert_close(resumed[HOOK], full[HOOK])
+    torch.testing.assert_close(resumed[HOOK], full[HOOK], atol=1e-4, rtol=1e-4)  # other batch shapes
     assert PooledActivations.load(out).acts[HOOK].shape == (4, 576)
     with pytest.raises(ValueError, match="was collected with"):
         collect_pooled(model, RECS, ActivationConfig(dtype="bfloat16", shard_records=2), out, layers=[6])
