@@ -3,7 +3,9 @@
     python scripts/bench_scoring.py [--records 200 800]
 
 On the same records of the shipped corpus with the shipped SAE: tokens/s of `score_latents`
-(forward + SAE encode + accumulation) and of `collect_pooled` (forward + pooling); then the peak
+(forward + SAE encode + accumulation; its histogram-scale warm-up on 32 records timed apart), of
+`collect_pooled` (forward + pooling), and of the scoring pass that also fills the activation
+store, as `saefeatures run` does (one pass instead of two); then the peak
 resident memory of a scoring pass at two corpus sizes, each in a fresh subprocess, to show memory
 does not grow with the corpus (it is emotions x latents x histogram bins).
 """
@@ -15,6 +17,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -50,26 +53,39 @@ def main() -> None:
     if args.child:
         _peak(args.child)
         return
-    from saefeatures.activations import ActivationConfig, collect_pooled, tokenize_texts
-    from saefeatures.models import load_model
+    from saefeatures.activations import (ActivationConfig, PooledStore, collect_pooled, pooling_meta,
+                                         tokenize_texts)
+    from saefeatures.models import load_model, resolve_dtype
     from saefeatures.saes import load_sae
     from saefeatures.scoring import ScoringConfig, score_latents
 
     model = load_model()
     sae = load_sae(None, model, layer=20)
     records = _records(args.records[0])
+    scale = records[:: max(1, len(records) // 32)]  # a small warm-up, timed apart
     n_tokens = sum(len(t) for t in tokenize_texts(model.tokenizer, [r.text for r in records], 256))
     collect_pooled(model, records[:8], ActivationConfig(), layers=[20])  # warm-up
     t0 = time.perf_counter()
     collect_pooled(model, records, ActivationConfig(), layers=[20])
     t_collect = time.perf_counter() - t0
     t0 = time.perf_counter()
-    score_latents(model, sae, records, ScoringConfig())
-    t_score = time.perf_counter() - t0
+    score_latents(model, sae, scale, ScoringConfig(), scale_records=scale)
+    t_warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    score_latents(model, sae, records, ScoringConfig(), scale_records=scale)
+    t_score = time.perf_counter() - t0 - t_warm
+    hook = sae.cfg.metadata.hook_name
+    with tempfile.TemporaryDirectory() as tmp:
+        store = PooledStore(tmp, pooling_meta([hook], ActivationConfig(), resolve_dtype("auto")))
+        t0 = time.perf_counter()
+        score_latents(model, sae, records, ScoringConfig(), pooled=store, scale_records=scale)
+        t_fused = time.perf_counter() - t0 - t_warm
     print(f"records {len(records)}, tokens {n_tokens}, SAE d_sae {sae.cfg.d_sae}, threads {torch.get_num_threads()}")
-    print(f"activation collection: {n_tokens / t_collect:8.0f} tokens/s")
-    print(f"scoring (incl. warm-up pass for histogram scales): {n_tokens / t_score:8.0f} tokens/s "
-          f"({t_score / t_collect:.2f}x the collection time)")
+    print(f"activation collection alone:         {n_tokens / t_collect:8.0f} tokens/s")
+    print(f"scoring pass (forward + encode + stats): {n_tokens / t_score:8.0f} tokens/s "
+          f"= {t_score / t_collect:.2f}x the collection time")
+    print(f"scoring pass that also pools (as `run`): {n_tokens / t_fused:8.0f} tokens/s; vs collection + "
+          f"scoring apart: {t_fused / (t_collect + t_score):.2f}x the time")
     for n in args.records:
         out = subprocess.run([sys.executable, __file__, "--child", str(n)], capture_output=True, text=True, check=True)
         row = json.loads(out.stdout.strip().splitlines()[-1])

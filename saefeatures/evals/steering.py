@@ -489,7 +489,7 @@ def preference_eval(
             with contextlib.ExitStack() as stack:
                 if steering is not None:
                     stack.enter_context(steered(model, steering, backend="hf", token_mask=mask))
-                logits = hf(**enc.to(hf.device), use_cache=False).logits[:, -1]
+                logits = hf(**enc.to(hf.device), use_cache=False, logits_to_keep=1).logits[:, -1]
             probs.append(torch.softmax(logits[:, [id_a, id_b]].float(), -1)[:, 0].cpu())
         p_a[label] = torch.cat(probs).numpy()
     wins = np.zeros(len(activities))
