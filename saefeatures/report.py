@@ -27,6 +27,9 @@ th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}img{max-widt
 SECTIONS = ("dense", "sae.k1", "sae.k4", "sae.k16", "sae.k64")
 COLS = ("top1", "top5", "auroc", "valence_r", "arousal_r", "arousal_best_r", "emobank_valence_spearman",
         "emobank_arousal_spearman", "cosine_to_dense_median")
+TITLES = {"valence_r": "valence r (PC1)", "arousal_r": "arousal r (PC2)", "arousal_best_r": "arousal best r (PC1-4)",
+          "emobank_valence_spearman": "EmoBank valence ρ", "emobank_arousal_spearman": "EmoBank arousal ρ",
+          "cosine_to_dense_median": "cosine to dense (median)"}
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:
@@ -89,13 +92,14 @@ def build_report(run_dir: Path | str) -> str:
     if sweep.exists():
         rows = json.loads(sweep.read_text())
         keys = ["layer", "valence_r", "arousal_r", "top1", "auroc", "emobank_valence_spearman"]
-        parts.append("<h2>Layer sweep</h2>" + _table(keys, [[r.get(k) for k in keys] for r in rows]))
+        parts.append("<h2>Layer sweep</h2>" + _table([TITLES.get(k, k) for k in keys], [[r.get(k) for k in keys] for r in rows]))
     present = [s for s in SECTIONS if _get(metrics, s)]
     if present:
         parts.append("<h2>Emotion directions: dense vs SAE-assembled</h2>"
                      "<p class='note'>171-way detection on the topic-held-out test split; PCA of the directions vs "
                      "human valence (PC1) and arousal (PC2); EmoBank: Spearman of sentence projections with human ratings.</p>")
-        parts.append(_table(["directions", *COLS], [[s, *(_get(metrics, f"{s}.{c}") for c in COLS)] for s in present]))
+        parts.append(_table(["directions", *(TITLES.get(c, c) for c in COLS)],
+                            [[s, *(_get(metrics, f"{s}.{c}") for c in COLS)] for s in present]))
     for s in present:
         png = figs / s / "geometry.png"
         if png.exists():
@@ -117,7 +121,11 @@ def build_report(run_dir: Path | str) -> str:
         parts.append("<h2>Steering</h2>")
         for png in sorted((figs / "steering").glob("*.png")):
             parts.append(f"<h4>{html.escape(png.stem)}</h4>{_img(png, png.stem)}")
-        rows = [[k, v] for k, v in _flat(metrics["steering"]).items()]
+        # per emotion, the per-method entries only (the emotion-level keys repeat the primary method's)
+        steering = {k: {m: d for m, d in v.items() if isinstance(d, dict)}
+                    if isinstance(v, dict) and any(isinstance(d, dict) for d in v.values()) else v
+                    for k, v in metrics["steering"].items()}
+        rows = [[k, v] for k, v in _flat(steering).items()]
         parts.append(_table(["metric", "value"], rows))
     monitor = figs / "monitor"
     if monitor.exists():
