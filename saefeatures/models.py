@@ -6,6 +6,10 @@ Three ways in, one function (`load_model`):
   * a local HuggingFace checkpoint directory (Llama, Gemma 2 or GPT-2 architecture);
   * any TransformerLens official model name (needs the hub).
 
+The GGUF file is converted once (parsing it takes ~25 s on a 2-core CPU) into a safetensors
+checkpoint under the cache directory (`cache_dir`), keyed by the file's SHA-256; later loads
+read that copy (~2 s) after checking its own hash.
+
 Weights are converted without TransformerLens' optional processing (no LayerNorm folding, no
 centering), so ``blocks.L.hook_resid_post`` equals the HuggingFace model's hidden state L+1. That
 keeps SAEs, directions and the fast HuggingFace generation path (see `hf_twin`) in one space.
@@ -13,14 +17,20 @@ keeps SAEs, directions and the fast HuggingFace generation path (see `hf_twin`) 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
+import json
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_model
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.pretrained.weight_conversions.gemma import convert_gemma_weights
 from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
@@ -133,8 +143,9 @@ def load_hf(
     if name_or_path == EMBEDDED_NAME:
         path = embedded_model_file()
         digest = verify_sha256(path, EMBEDDED_SHA256)
-        kwargs = {"gguf_file": path.name}
-        root, source = path.parent, "embedded"
+        converted = cached_conversion(digest)
+        kwargs = {} if converted else {"gguf_file": path.name}
+        root, source = converted or path.parent, "embedded"
     else:
         root = Path(name_or_path)
         if not root.exists():
@@ -155,18 +166,90 @@ def load_hf(
         kwargs, source = {}, "local"
     _check_architecture(root, kwargs)
     tokenizer = AutoTokenizer.from_pretrained(root, **kwargs)
-    hf = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, **kwargs).to(device).eval()
+    hf = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32 if "gguf_file" in kwargs else dtype, **kwargs)
+    if "gguf_file" in kwargs:
+        save_conversion(hf, tokenizer, digest)
+        hf = hf.to(dtype)
+    hf = hf.to(device).eval()
     cfg = hf.config
     identity = ModelIdentity(
         name=name_or_path if source == "embedded" else root.name,
         source=source,
-        path=str(root / kwargs.get("gguf_file", "")),
+        path=str(path) if source == "embedded" else str(root),
         sha256=digest,
         architecture=architecture(cfg),
         n_layers=cfg.num_hidden_layers,
         d_model=cfg.hidden_size,
     )
     return hf, tokenizer, identity
+
+
+def cache_dir() -> Path | None:
+    """Where converted models are kept: ``$SAEFEATURES_CACHE`` (``off`` disables the cache), else
+    ``$XDG_CACHE_HOME/saefeatures``, else ``~/.cache/saefeatures``."""
+    env = os.environ.get("SAEFEATURES_CACHE")
+    if env is not None:
+        return None if env.strip().lower() in ("", "off", "0", "none") else Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "saefeatures"
+
+
+def _conversion_dir(gguf_sha256: str) -> Path | None:
+    root = cache_dir()
+    return None if root is None else root / "models" / f"{EMBEDDED_NAME}-{gguf_sha256[:16]}"
+
+
+def cached_conversion(gguf_sha256: str) -> Path | None:
+    """The converted checkpoint of the GGUF file with this hash, if cached and intact; a copy whose
+    weights no longer match the hash recorded at conversion is removed (and rebuilt by the caller)."""
+    out = _conversion_dir(gguf_sha256)
+    meta_path = None if out is None else out / "source.json"
+    if meta_path is None or not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        intact = meta["gguf_sha256"] == gguf_sha256 and all(
+            sha256_file(out / name) == digest for name, digest in meta["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        intact = False
+    if not intact:
+        log.warning("Cached conversion %s is corrupt; converting the GGUF file again.", out)
+        shutil.rmtree(out, ignore_errors=True)
+        return None
+    return out
+
+
+def save_conversion(hf: Any, tokenizer: Any, gguf_sha256: str) -> Path | None:
+    """Write the converted model and tokenizer as a safetensors checkpoint (atomically: a temporary
+    directory renamed into place); a cache that cannot be written only costs speed."""
+    out = _conversion_dir(gguf_sha256)
+    if out is None:
+        return None
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+        # transformers refuses save_pretrained on a model loaded from GGUF (its weights are already
+        # dequantized): write the config without the GGUF quantization entry, and the weights.
+        config = copy.deepcopy(hf.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        if hf.generation_config is not None:
+            hf.generation_config.save_pretrained(tmp)
+        save_model(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / "source.json").write_text(json.dumps(
+            {"gguf_file": EMBEDDED_FILE, "gguf_sha256": gguf_sha256, "files": files}, indent=1))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except Exception as e:  # noqa: BLE001 - the cache only saves time; loading goes on without it
+        log.warning("Could not cache the converted model in %s (%s); the next load converts again.", out, e)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return None
+    log.info("Converted %s to %s (later loads read this copy).", EMBEDDED_FILE, out)
+    return out
 
 
 def _hash_files(paths: list[Path]) -> str:

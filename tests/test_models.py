@@ -1,4 +1,5 @@
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -9,13 +10,56 @@ PROMPTS = ["Hello world, how are you today?", "The quick brown fox jumps over th
            "def add(a, b):\n    return a + b\n"]
 
 
-def test_logits_match_transformers_from_the_same_gguf(model):
-    hf = M.hf_twin(model)
+@pytest.fixture(scope="module")
+def gguf_direct():
+    """transformers' model and tokenizer read straight from the GGUF file (no conversion cache)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = M.embedded_model_file()
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval(), tok
+
+
+def test_logits_match_transformers_from_the_same_gguf(model, gguf_direct):
+    hf, _ = gguf_direct
     for p in PROMPTS:
         ids = model.tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids
         with torch.no_grad():
             diff = (model(ids) - hf(ids).logits).abs().max().item()
+            twin = (M.hf_twin(model)(ids).logits - hf(ids).logits).abs().max().item()
         assert diff < 1e-4, p
+        assert twin == 0.0, p  # the twin is the cached conversion: the same weights exactly
+
+
+def test_cached_conversion_keeps_the_tokenizer(model, gguf_direct):
+    _, tok = gguf_direct
+    messages = [{"role": "user", "content": "Hi there"}]
+    assert M.chat_prompt(model.tokenizer, messages) == M.chat_prompt(tok, messages)
+    text = M.chat_prompt(tok, messages) + "Sure, café ☕ 12345 <|im_end|>"
+    assert model.tokenizer(text).input_ids == tok(text).input_ids
+    for attr in ("bos_token", "eos_token", "pad_token", "padding_side"):
+        assert getattr(model.tokenizer, attr) == getattr(tok, attr), attr
+
+
+def test_conversion_cache_is_checked_and_rebuilt(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAEFEATURES_CACHE", str(tmp_path))
+    out = M._conversion_dir(M.EMBEDDED_SHA256)
+    out.mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"tampered")
+    (out / "source.json").write_text(json.dumps(
+        {"gguf_sha256": M.EMBEDDED_SHA256, "files": {"model.safetensors": "0" * 64}}))
+    assert M.cached_conversion(M.EMBEDDED_SHA256) is None
+    assert not out.exists()  # removed, so the next load converts again
+    monkeypatch.setenv("SAEFEATURES_CACHE", "off")
+    assert M.cache_dir() is None and M.cached_conversion(M.EMBEDDED_SHA256) is None
+
+
+def test_unwritable_cache_only_warns(model, monkeypatch, tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("SAEFEATURES_CACHE", str(blocker))
+    assert M.save_conversion(M.hf_twin(model), model.tokenizer, M.EMBEDDED_SHA256) is None
+    assert "Could not cache the converted model" in caplog.text
 
 
 def test_resid_hooks_exist_for_every_layer_and_match_hf_hidden_states(model):
