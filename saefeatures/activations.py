@@ -106,10 +106,15 @@ def tokenize_texts(tokenizer, texts: Sequence[str], max_tokens: int) -> list[lis
 
 
 def iter_batches(
-    tokenizer, ids: Sequence[str], texts: Sequence[str], batch_tokens: int, max_tokens: int
+    tokenizer, ids: Sequence[str], texts: Sequence[str], batch_tokens: int, max_tokens: int,
+    keep: Sequence[int] | None = None,
 ) -> Iterator[TokenBatch]:
-    """Length-bucketed batches: records sorted by length, cut where padded size would exceed budget."""
+    """Length-bucketed batches: records sorted by length, cut where padded size would exceed budget.
+    ``keep`` cuts each text to its first ``keep[i]`` tokens (a causal model's activations there
+    do not depend on what follows)."""
     toks = tokenize_texts(tokenizer, texts, max_tokens)
+    if keep is not None:
+        toks = [t[:n] for t, n in zip(toks, keep)]
     order = sorted(range(len(toks)), key=lambda i: len(toks[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     start = 0

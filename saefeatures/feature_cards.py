@@ -46,13 +46,14 @@ class FeatureCard:
         return asdict(self)
 
 
-def _top_records(scores: LatentScores, latent: int, n: int) -> list[int]:
+def _top_records(scores: LatentScores, latent: int, n: int) -> dict[int, int]:
+    """Up to ``n`` records holding the latent's highest class maxima: record index -> peak position."""
     order = torch.argsort(scores.max[:, latent], descending=True)
-    out: list[int] = []
+    out: dict[int, int] = {}
     for c in order:
         r = int(scores.max_record[c, latent])
         if r >= 0 and r not in out:
-            out.append(r)
+            out[r] = int(scores.max_pos[c, latent])
         if len(out) == n:
             break
     return out
@@ -69,15 +70,24 @@ def build_cards(model, sae, scores: LatentScores, dirs: EmotionDirections, recor
         chosen += [(name, i, w) for i, w in top]
     latents = sorted({i for _, i, _ in chosen})
     lens = logit_lens(model, sae, latents) if latents else {}
-    need = {lat: [scores.record_ids[r] for r in _top_records(scores, lat, snippets)] for lat in latents}
-    rec_ids = sorted({r for ids in need.values() for r in ids})
+    tops = {lat: _top_records(scores, lat, snippets) for lat in latents}
+    need = {lat: [scores.record_ids[r] for r in top] for lat, top in tops.items()}
+    # only the tokens up to the last window's end are read: each peak is the latent's maximum over
+    # the scored positions, so no later token can outrank it
+    upto: dict[str, int] = {}
+    for top in tops.values():
+        for r, pos in top.items():
+            rid = scores.record_ids[r]
+            upto[rid] = max(upto.get(rid, 0), pos + window // 2 + 1)
+    rec_ids = sorted(upto)
     missing = [r for r in rec_ids if r not in by_id]
     if missing:
         raise ValueError(f"Scored records not in the corpus given: {missing[:3]}; pass the corpus the scores came from.")
     run_model = with_dtype(model, dtype)
     hook = sae.cfg.metadata.hook_name
     per_record: dict[str, tuple[list[int], torch.Tensor]] = {}
-    for batch in iter_batches(model.tokenizer, rec_ids, [by_id[r].text for r in rec_ids], 4096, 256):
+    for batch in iter_batches(model.tokenizer, rec_ids, [by_id[r].text for r in rec_ids], 4096, 256,
+                              keep=[upto[r] for r in rec_ids]):
         resid = forward_hooks(run_model, batch.tokens, [hook])[hook]
         lat = sae.encode(resid.to(sae.device, next(sae.parameters()).dtype))[..., latents].float().cpu()
         for row, rid in enumerate(batch.ids):

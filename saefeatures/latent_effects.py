@@ -73,14 +73,16 @@ def clamp_logprob_shift(model, sae, latents: Sequence[int], values: Tensor, targ
         raise ValueError("clamp_logprob_shift expects a right-padding tokenizer.")
     resid = forward_hooks(model, tokens, [hook])[hook]
     acts = sae.encode(resid.to(sae.device, sae.dtype)).to(resid.dtype).cpu()
-    base = model(resid, start_at_layer=layer + 1).log_softmax(-1)
+    base = model(resid, start_at_layer=layer + 1)
     names = list(targets)
     target_sets = [torch.tensor(targets[n]) for n in names]
 
-    def target_logp(logp: Tensor) -> Tensor:
-        # (batch, pos, n_targets): log of the total probability of each target set, masked mean over pos
-        per = torch.stack([logp[..., t].logsumexp(-1) for t in target_sets], -1)
-        m = mask.repeat(logp.shape[0] // mask.shape[0], 1)[..., None]
+    def target_logp(logits: Tensor) -> Tensor:
+        # (batch, pos, n_targets): log of the total probability of each target set, masked mean over
+        # pos; from the logits and their logsumexp (a full log_softmax would write a vocab-sized copy)
+        lse = logits.logsumexp(-1, keepdim=True)
+        per = torch.stack([logits[..., t].logsumexp(-1) for t in target_sets], -1) - lse
+        m = mask.repeat(logits.shape[0] // mask.shape[0], 1)[..., None]
         return (per * m).sum(1) / m.sum(1)
 
     base_t = target_logp(base).mean(0)
@@ -93,8 +95,7 @@ def clamp_logprob_shift(model, sae, latents: Sequence[int], values: Tensor, targ
         a = acts[:, :, ids]  # (P, pos, b)
         delta = (vals[None, None, :] - a)[..., None] * W[ids][None, None]  # (P, pos, b, d)
         x = (resid[:, :, None, :] + delta).permute(2, 0, 1, 3).reshape(-1, *resid.shape[1:])
-        logp = model(x, start_at_layer=layer + 1).log_softmax(-1)
-        shifted = target_logp(logp).view(len(ids), n_p, len(names)).mean(1)
+        shifted = target_logp(model(x, start_at_layer=layer + 1)).view(len(ids), n_p, len(names)).mean(1)
         out[start : start + len(ids)] = shifted - base_t
     return out
 

@@ -659,12 +659,11 @@ def generate_steered_full(
 
 
 def _hf_generate(model, enc, max_new_tokens, temperature, top_p, repetition_penalty, min_new_tokens):
+    from .generation import sampling_kwargs
     from .models import hf_twin
 
     hf = hf_twin(model)
-    sample = temperature > 0
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, top_k=None,
-                  temperature=temperature if sample else None, top_p=top_p if sample else None,
+    kwargs = dict(max_new_tokens=max_new_tokens, **sampling_kwargs(temperature, top_p),
                   repetition_penalty=repetition_penalty, pad_token_id=model.tokenizer.pad_token_id)
     if min_new_tokens:
         kwargs["min_new_tokens"] = min_new_tokens

@@ -88,3 +88,29 @@ def test_rerun_skips_finished_stages(small_run, model):
     after = run.manifest["stages"]
     for stage in ("scoring", "steering", "output_scores"):
         assert after[stage] == before[stage], stage  # not recomputed: same key, same recorded time
+
+
+def test_card_snippets_are_the_peak_window_of_the_whole_record(small_run, model):
+    """Cards forward only each record's prefix up to the last window: the snippet must still be the
+    window around the latent's peak over the whole record."""
+    import torch
+
+    from saefeatures.activations import forward_hooks, tokenize_texts
+    from saefeatures.saes import load_sae
+
+    cfg, out, _ = small_run
+    cards = json.loads((out / "figures" / "cards.json").read_text())
+    sae = load_sae(cfg.sae, model, 20)
+    by_id = {r.id: r for r in load_corpus(cfg.corpus.path)}
+    checked = 0
+    for card in cards[:4]:
+        for snip in card["snippets"]:
+            ids = tokenize_texts(model.tokenizer, [by_id[snip["record_id"]].text], 256)[0]
+            with torch.no_grad():
+                resid = forward_hooks(model, torch.tensor([ids]), [sae.cfg.metadata.hook_name])
+                acts = sae.encode(resid[sae.cfg.metadata.hook_name])[0, :, card["latent"]]
+            acts[0] = 0.0
+            assert max(snip["acts"]) == pytest.approx(float(acts.max()), abs=1e-3)
+            assert "".join(snip["tokens"]) in model.tokenizer.decode(ids)
+            checked += 1
+    assert checked >= 4

@@ -8,6 +8,7 @@ model (DiffMean of happy vs sad sentences at layer 20), so it runs without the s
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +19,7 @@ from saefeatures.evals.activities import ACTIVITIES
 from saefeatures.evals.steering import (NEUTRAL_PROMPTS, PREFERENCE_ANSWER, PREFERENCE_QUESTION,
                                         Curve, CurvePoint, SteeringConfig, SteeringResult, _option_span_mask,
                                         judge, preference_pairs, pressure_conversations,
-                                        repetition_rate, stage_steering, steering_figures)
+                                        repetition_rate, score_continuations, stage_steering, steering_figures)
 from saefeatures.steering import Steering, SteeringSpec, generate_steered_full
 
 from test_steering import HOOK, LAYER, make_sae  # tests/ is on sys.path (pytest rootdir import)
@@ -165,3 +166,20 @@ def test_stage_steering_records_metrics_plots_and_reuses(model, happy_dirs, tmp_
     assert again.metrics() == result.metrics()
     assert SteeringResult.load(tmp_path / "run" / "steering" / "results.json").metrics() == result.metrics()
     assert set(steering_figures(again)) == {"dose_response", "preference", "pressure"}
+
+
+def test_continuation_scores_match_a_plain_forward_pass(model):
+    gens = generate_steered_full(model, None, ["Say something short.", "Describe a quiet street at night."],
+                                 max_new_tokens=12, batch_size=2)
+    gens.append(replace(gens[0], new_ids=[]))  # an empty continuation scores nothing
+    pooled, nll, count = score_continuations(model, gens, HOOK)
+    for i, g in enumerate(gens[:2]):
+        p, n = len(g.prompt_ids), len(g.new_ids)
+        tokens = torch.tensor([g.prompt_ids + g.new_ids])
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(tokens, names_filter=HOOK)
+        logp = logits[0].log_softmax(-1)[p - 1:p + n - 1].gather(1, torch.tensor(g.new_ids)[:, None])
+        assert count[i] == n
+        assert nll[i] == pytest.approx(float(-logp.sum()), rel=1e-4)
+        torch.testing.assert_close(pooled[i], cache[HOOK][0, p:p + n].mean(0), atol=1e-3, rtol=1e-4)
+    assert count[2] == 0 and nll[2] == 0.0 and not pooled[2].any()

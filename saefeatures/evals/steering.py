@@ -211,17 +211,22 @@ def score_continuations(model: HookedTransformer, gens: Sequence[Generation], ho
             ids[r, :len(s)] = torch.tensor(s)
             attn[r, :len(s)] = 1
         with tl_named_hooks(hf, [(hook, keep)]):  # right padding: positions need no offsets
-            out = hf(input_ids=ids.to(hf.device), attention_mask=attn.to(hf.device), use_cache=False)
-        logp = out.logits.float().log_softmax(-1).cpu()
+            final = hf.base_model(input_ids=ids.to(hf.device), attention_mask=attn.to(hf.device),
+                                  use_cache=False).last_hidden_state
         hidden = store.pop("act").float().cpu()
-        for r, i in enumerate(rows):
-            p, n = len(gens[i].prompt_ids), len(gens[i].new_ids)
-            if n == 0:
-                continue
-            targets = torch.tensor(gens[i].new_ids)
-            nll[i] = float(-logp[r, p - 1:p + n - 1].gather(1, targets[:, None]).sum())
-            count[i] = n
-            pooled[i] = hidden[r, p:p + n].mean(0)
+        # logits only where they predict a continuation token (the unembedding is a third of the pass)
+        spans = [(r, len(gens[i].prompt_ids), len(gens[i].new_ids)) for r, i in enumerate(rows)]
+        at = torch.cat([torch.arange(p - 1, p + n - 1) + r * width for r, p, n in spans])
+        logits = hf.lm_head(final.reshape(-1, final.shape[-1])[at.to(final.device)]).float().cpu()
+        targets = torch.tensor([t for i in rows for t in gens[i].new_ids], dtype=torch.long)
+        token_nll = logits.logsumexp(-1) - logits.gather(1, targets[:, None])[:, 0]
+        offset = 0
+        for (r, p, n), i in zip(spans, rows):
+            if n:
+                nll[i] = float(token_nll[offset:offset + n].sum())
+                count[i] = n
+                pooled[i] = hidden[r, p:p + n].mean(0)
+            offset += n
     return pooled, nll, count
 
 
