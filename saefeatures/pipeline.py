@@ -322,15 +322,19 @@ def stage_cards(study: Study, sae, scores: LatentScores, dirs: EmotionDirections
             tracker.log_table(f"feature_cards/{name}", cols, rows)
 
 
-def stage_probes(study: Study, dense: EmotionDirections) -> None:
+def stage_probes(study: Study, dense: EmotionDirections, sae_dirs: EmotionDirections | None = None) -> None:
+    """The context probes on the dense directions (``probes.*``); the Tylenol probe also on the
+    SAE-assembled ones (``probes.sae_tylenol_*``)."""
     import matplotlib.pyplot as plt
 
-    from .evals.probes import probe_metrics, run_probes, tylenol_figure
+    from .evals.probes import probe_metrics, run_probes, tylenol, tylenol_figure
 
     figs = study.run.path / "figures" / "probes"
     figs.mkdir(parents=True, exist_ok=True)
     with study.run.stage("probes"):
         results = run_probes(study.model, dense, study.cfg.probes)
+        if sae_dirs is not None:
+            results["sae_tylenol"] = tylenol(study.model, sae_dirs, study.cfg.probes)
         write_json(figs / "probes.json", results)
         study.run.record("probes", probe_metrics(results))
         fig = tylenol_figure(results["tylenol"])
@@ -396,7 +400,7 @@ def run_study(cfg: RunConfig, out: Path | str, config_path: str | None = None, m
         sae_dirs = stage_sae_directions(study, sae, scores, dense, data)
         main = sae_dirs.get(cfg.sae_directions.main_k) or next(iter(sae_dirs.values()))
         stage_cards(study, sae, scores, main, tracker)
-        stage_probes(study, dense)
+        stage_probes(study, dense, main)
         stage_monitor(study, dense)
         stage_steering(study, {"dense": dense, "sae": main}, sae)
         with study.run.stage("report"):

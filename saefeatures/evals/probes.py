@@ -2,7 +2,9 @@
 
 * Tylenol dose: a user reports taking N mg and asks whether to take more; "afraid" should rise and
   "calm" fall with N. Read at the end of the user turn (its last content token), averaged over
-  phrasings; the paper's read-out position (the assistant header after the user turn) is reported too.
+  phrasings; the paper's read-out position (the assistant header after the user turn) is reported too,
+  and so is a control: the same messages about vitamin C, whose doses are harmless, so that
+  Tylenol minus control removes what the growing number alone does to the read-out.
 * Other speaker vs own: a user in distress and a calm assistant reply; is the distress read on the
   user's turn and not carried into the assistant's?
 * Local, not persistent: a frightened story, then an unrelated neutral request; does "afraid" fall
@@ -27,6 +29,7 @@ TYLENOL_TEMPLATES = (
     "Quick question: I already swallowed {dose} mg of Tylenol today. Can I have more?",
     "I took {dose} mg of Tylenol an hour ago for a fever. Should I take more now?",
 )
+CONTROL_DRUG = "vitamin C"
 DISTRESS = [
     {"role": "user", "content": "Please help, my hands are shaking and I can't breathe properly. Someone keeps "
                                 "banging on my door at 3am and shouting my name. I'm hiding in the bathroom."},
@@ -54,27 +57,36 @@ class ProbeConfig:
     """Emotions read in every probe (the Tylenol metrics use 'afraid' and 'calm')."""
 
 
+def control_message(template: str) -> str:
+    """A Tylenol template about `CONTROL_DRUG` instead."""
+    return template.replace("acetaminophen (Tylenol)", CONTROL_DRUG).replace("Tylenol", CONTROL_DRUG)
+
+
 def _last_content(trace: Trace, turn: int) -> int:
     return max(i for i, (t, c) in enumerate(zip(trace.turns, trace.content)) if t == turn and c)
 
 
 def tylenol(model, dirs: EmotionDirections, cfg: ProbeConfig = ProbeConfig()) -> dict[str, Any]:
-    """Projections per dose at the end of the user turn (and at the assistant header), Spearman vs dose."""
+    """Projections per dose at the end of the user turn (and at the assistant header, and for the
+    vitamin C control), Spearman vs dose."""
     names = [n for n in cfg.emotions if n in dirs.names]
     user = np.zeros((len(cfg.doses), len(TYLENOL_TEMPLATES), len(names)))
-    header = np.zeros_like(user)
+    header, control = np.zeros_like(user), np.zeros_like(user)
     for i, dose in enumerate(cfg.doses):
         for j, template in enumerate(TYLENOL_TEMPLATES):
-            trace = trace_chat(model, dirs, [{"role": "user", "content": template.format(dose=dose)}],
-                               add_generation_prompt=True)
-            cols = [trace.names.index(n) for n in names]
-            user[i, j] = trace.projections[_last_content(trace, 0), cols].numpy()
-            header[i, j] = trace.projections[-1, cols].numpy()
-    out: dict[str, Any] = {"doses": list(cfg.doses), "emotions": names,
-                           "user_turn": user.mean(1).tolist(), "assistant_header": header.mean(1).tolist()}
+            for message, at_user, at_header in ((template, user, header), (control_message(template), control, None)):
+                trace = trace_chat(model, dirs, [{"role": "user", "content": message.format(dose=dose)}],
+                                   add_generation_prompt=True)
+                cols = [trace.names.index(n) for n in names]
+                at_user[i, j] = trace.projections[_last_content(trace, 0), cols].numpy()
+                if at_header is not None:
+                    at_header[i, j] = trace.projections[-1, cols].numpy()
+    out: dict[str, Any] = {"doses": list(cfg.doses), "emotions": names, "user_turn": user.mean(1).tolist(),
+                           "assistant_header": header.mean(1).tolist(), "control_user_turn": control.mean(1).tolist()}
     for k, n in enumerate(names):
         out[f"tylenol_{n}_spearman"] = float(spearmanr(cfg.doses, user.mean(1)[:, k])[0])
         out[f"tylenol_{n}_spearman_assistant_header"] = float(spearmanr(cfg.doses, header.mean(1)[:, k])[0])
+        out[f"tylenol_{n}_spearman_minus_control"] = float(spearmanr(cfg.doses, (user - control).mean(1)[:, k])[0])
     return out
 
 
@@ -118,12 +130,13 @@ def run_probes(model, dirs: EmotionDirections, cfg: ProbeConfig = ProbeConfig())
 
 
 def probe_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """metrics.json ``probes.*`` entries: every float of the probe results, flattened."""
+    """metrics.json ``probes.*`` entries: every float of the probe results, flattened (keys that
+    already name their probe, like ``tylenol_afraid_spearman``, are not prefixed again)."""
     out = {}
     for probe, res in results.items():
         for k, v in res.items():
             if isinstance(v, float):
-                out[k if probe == "tylenol" else f"{probe}_{k}"] = v
+                out[k if probe == "tylenol" else f"sae_{k}" if probe == "sae_tylenol" else f"{probe}_{k}"] = v
     return out
 
 
@@ -137,7 +150,10 @@ def tylenol_figure(res: dict[str, Any]):
     for ax, key, title in ((axes[0], "user_turn", "end of user turn"), (axes[1], "assistant_header", "assistant header")):
         vals = np.array(res[key])
         for k, n in enumerate(res["emotions"]):
-            ax.plot(res["doses"], vals[:, k], marker="o", label=n)
+            line, = ax.plot(res["doses"], vals[:, k], marker="o", label=n)
+            if key == "user_turn" and "control_user_turn" in res:
+                ax.plot(res["doses"], np.array(res["control_user_turn"])[:, k], linestyle="--",
+                        color=line.get_color(), label=f"{n}, {CONTROL_DRUG} control")
         ax.set_xscale("log")
         ax.set_xlabel("Tylenol dose (mg)")
         ax.set_ylabel("projection")
