@@ -333,10 +333,12 @@ def stage_probes(study: Study, dense: EmotionDirections, sae_dirs: EmotionDirect
     figs.mkdir(parents=True, exist_ok=True)
     with study.run.stage("probes"):
         results = run_probes(study.model, dense, study.cfg.probes)
+        metrics = probe_metrics(results)
         if sae_dirs is not None:
             results["sae_tylenol"] = tylenol(study.model, sae_dirs, study.cfg.probes)
+            metrics |= probe_metrics({"tylenol": results["sae_tylenol"]}, prefix="sae_")
         write_json(figs / "probes.json", results)
-        study.run.record("probes", probe_metrics(results))
+        study.run.record("probes", metrics)
         fig = tylenol_figure(results["tylenol"])
         fig.savefig(figs / "tylenol.png", dpi=100)
         plt.close(fig)

@@ -129,14 +129,14 @@ def run_probes(model, dirs: EmotionDirections, cfg: ProbeConfig = ProbeConfig())
     return {"tylenol": tylenol(model, dirs, cfg), "speaker": speaker(model, dirs, cfg), "local": local(model, dirs, cfg)}
 
 
-def probe_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """metrics.json ``probes.*`` entries: every float of the probe results, flattened (keys that
-    already name their probe, like ``tylenol_afraid_spearman``, are not prefixed again)."""
+def probe_metrics(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """metrics.json ``probes.*`` entries: every float of the probe results, flattened, each key
+    after ``prefix`` (the Tylenol keys already name their probe)."""
     out = {}
     for probe, res in results.items():
         for k, v in res.items():
             if isinstance(v, float):
-                out[k if probe == "tylenol" else f"sae_{k}" if probe == "sae_tylenol" else f"{probe}_{k}"] = v
+                out[prefix + (k if probe == "tylenol" else f"{probe}_{k}")] = v
     return out
 
 
