@@ -138,7 +138,7 @@ def load_hf(
     name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> tuple[Any, Any, ModelIdentity]:
     """Load the HuggingFace causal LM, its tokenizer and its identity (embedded or local only)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if name_or_path == EMBEDDED_NAME:
         path = embedded_model_file()
@@ -164,9 +164,12 @@ def load_hf(
             raise ModelLoadError(f"{root} has a config.json but no weight files (*.safetensors).")
         digest = _hash_files(weights)
         kwargs, source = {}, "local"
-    _check_architecture(root, kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(root, **kwargs)
-    hf = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32 if "gguf_file" in kwargs else dtype, **kwargs)
+    # the config is read once and handed on: each read of a GGUF parses its whole header (~7 s here)
+    config = AutoConfig.from_pretrained(root, **kwargs)
+    architecture(config, where=str(root))
+    tokenizer = AutoTokenizer.from_pretrained(root, config=config, **kwargs)
+    hf = AutoModelForCausalLM.from_pretrained(root, config=config,
+                                              dtype=torch.float32 if "gguf_file" in kwargs else dtype, **kwargs)
     if "gguf_file" in kwargs:
         save_conversion(hf, tokenizer, digest)
         hf = hf.to(dtype)
@@ -259,12 +262,6 @@ def _hash_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _check_architecture(root: Path, kwargs: dict[str, Any]) -> None:
-    from transformers import AutoConfig
-
-    architecture(AutoConfig.from_pretrained(root, **kwargs), where=str(root))
-
-
 def architecture(hf_config: Any, where: str = "the model") -> str:
     """The supported architecture name of a HF config, or a clear error."""
     arch = SUPPORTED_ARCHITECTURES.get(getattr(hf_config, "model_type", None))
@@ -343,10 +340,9 @@ def hooked_from_hf(hf: Any, tokenizer: Any, name: str, keep_hf: bool = True) -> 
     cfg.default_prepend_bos = bool(getattr(tokenizer, "add_bos_token", False))
     state = _CONVERTERS[cfg.original_architecture](hf, cfg)
     model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
-    model.load_and_process_state_dict(
-        state, fold_ln=False, center_writing_weights=False, center_unembed=False,
-        fold_value_biases=False, refactor_factored_attn_matrices=False,
-    )
+    # One load_state_dict call: with nothing to fold, TransformerLens' load_and_process_state_dict
+    # only fills missing keys and then copies key by key, each copy walking the module tree (~8 s).
+    model.load_state_dict(model.fill_missing_keys(state), strict=True)
     # TransformerLens would re-load the tokenizer with add_bos_token=True (from the hub for a
     # hub name); keep the exact tokenizer, chat template included.
     if tokenizer.pad_token is None:
