@@ -7,6 +7,7 @@ model (DiffMean of happy vs sad sentences at layer 20), so it runs without the s
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import replace
 from types import SimpleNamespace
@@ -17,10 +18,10 @@ import torch
 from saefeatures.directions import EmotionDirections
 from saefeatures.evals.activities import ACTIVITIES
 from saefeatures.evals.steering import (NEUTRAL_PROMPTS, PREFERENCE_ANSWER, PREFERENCE_QUESTION,
-                                        Curve, CurvePoint, SteeringConfig, SteeringResult, _option_span_mask,
-                                        judge, preference_pairs, pressure_conversations,
+                                        Curve, CurvePoint, SteeringConfig, SteeringResult, choice_probs, judge,
+                                        option_tokens, preference_pairs, pressure_conversations,
                                         repetition_rate, score_continuations, stage_steering, steering_figures)
-from saefeatures.steering import Steering, SteeringSpec, generate_steered_full
+from saefeatures.steering import Steering, SteeringSpec, generate_steered_full, steered
 
 from test_steering import HOOK, LAYER, make_sae  # tests/ is on sys.path (pytest rootdir import)
 
@@ -102,21 +103,26 @@ def test_preference_pairs_cover_every_activity_without_self_pairs():
     assert preference_pairs(44, 6, seed=0) == pairs != preference_pairs(44, 6, seed=1)
 
 
-def test_option_span_mask_marks_exactly_option_a(tokenizer):
+def _preference_texts(tokenizer, pairs):
     from saefeatures.models import chat_prompt
 
     texts, spans = [], []
-    for a, b in [(ACTIVITIES[0], ACTIVITIES[30]), (ACTIVITIES[17], ACTIVITIES[2])]:
+    for a, b in pairs:
         text = chat_prompt(tokenizer, [{"role": "user", "content": PREFERENCE_QUESTION.format(a=a.text, b=b.text)}])
         text += PREFERENCE_ANSWER
         start = text.index("A: " + a.text) + 3
         texts.append(text)
         spans.append((start, start + len(a.text)))
-    enc, mask = _option_span_mask(tokenizer, texts, spans)
-    for row, (a, _) in enumerate([(ACTIVITIES[0], 0), (ACTIVITIES[17], 0)]):
-        marked = tokenizer.decode(enc.input_ids[row][mask[row]])
+    return texts, spans
+
+
+def test_option_tokens_mark_exactly_option_a(tokenizer):
+    pairs = [(ACTIVITIES[0], ACTIVITIES[30]), (ACTIVITIES[17], ACTIVITIES[2])]
+    ids, inside = option_tokens(tokenizer, *_preference_texts(tokenizer, pairs))
+    for row, (a, _) in enumerate(pairs):
+        marked = tokenizer.decode([t for t, m in zip(ids[row], inside[row]) if m])
         assert marked.strip() == a.text
-    assert not mask[:, -3:].any()  # the answer prefix is never steered
+        assert not any(inside[row][-3:])  # the answer prefix is never steered
 
 
 def test_pressure_conversations_fail_every_turn_and_grow():
@@ -168,12 +174,33 @@ def test_stage_steering_records_metrics_plots_and_reuses(model, happy_dirs, tmp_
     assert set(steering_figures(again)) == {"dose_response", "preference", "pressure"}
 
 
+def test_choice_probs_with_a_shared_prefix_match_plain_forward_passes(model, happy_dirs):
+    from saefeatures.models import hf_twin
+
+    tok = model.tokenizer
+    pairs = [(ACTIVITIES[0], ACTIVITIES[30]), (ACTIVITIES[17], ACTIVITIES[2]), (ACTIVITIES[5], ACTIVITIES[9])]
+    ids, inside = option_tokens(tok, *_preference_texts(tok, pairs))
+    choices = (tok(" A", add_special_tokens=False).input_ids[-1], tok(" B", add_special_tokens=False).input_ids[-1])
+    steering = Steering.from_spec(SteeringSpec(emotions={"happy": 0.5}), model, directions=happy_dirs)
+    for s in (None, steering):
+        shared = choice_probs(model, ids, inside, choices, s, batch_size=2)
+        for row, (t, m) in enumerate(zip(ids, inside)):
+            with contextlib.ExitStack() as stack, torch.no_grad():
+                if s is not None:
+                    stack.enter_context(steered(model, s, backend="hf", token_mask=torch.tensor([m])))
+                logits = hf_twin(model)(torch.tensor([t])).logits[0, -1, list(choices)]
+            assert float(shared[row]) == pytest.approx(float(logits.softmax(-1)[0]), abs=1e-4)
+    assert not torch.allclose(shared, choice_probs(model, ids, inside, choices, None))  # steering moved it
+
+
 def test_continuation_scores_match_a_plain_forward_pass(model):
     gens = generate_steered_full(model, None, ["Say something short.", "Describe a quiet street at night."],
                                  max_new_tokens=12, batch_size=2)
+    # a shorter continuation of the same prompt shares its prefix pass and is padded in the batch
+    gens.append(replace(gens[0], new_ids=gens[0].new_ids[:5]))
     gens.append(replace(gens[0], new_ids=[]))  # an empty continuation scores nothing
     pooled, nll, count = score_continuations(model, gens, HOOK)
-    for i, g in enumerate(gens[:2]):
+    for i, g in enumerate(gens[:3]):
         p, n = len(g.prompt_ids), len(g.new_ids)
         tokens = torch.tensor([g.prompt_ids + g.new_ids])
         with torch.no_grad():
@@ -182,4 +209,4 @@ def test_continuation_scores_match_a_plain_forward_pass(model):
         assert count[i] == n
         assert nll[i] == pytest.approx(float(-logp.sum()), rel=1e-4)
         torch.testing.assert_close(pooled[i], cache[HOOK][0, p:p + n].mean(0), atol=1e-3, rtol=1e-4)
-    assert count[2] == 0 and nll[2] == 0.0 and not pooled[2].any()
+    assert count[3] == 0 and nll[3] == 0.0 and not pooled[3].any()

@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -184,10 +185,35 @@ def _spearman(x: Sequence[float], y: Sequence[float | None]) -> float | None:
 
 
 @torch.inference_mode()
+def suffix_forward(hf: Any, prefix_cache: Any | None, suffixes: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
+    """Final hidden states [batch, longest suffix, d_model] of token ``suffixes`` that all continue
+    one prefix, given that prefix's KV cache (copied, then repeated over the batch; None: no prefix). Right padding:
+    the positions continue the prefix's, and hooks see absolute positions from the prefix length on."""
+    width = max(len(t) for t in suffixes)
+    n_prefix = prefix_cache.get_seq_length() if prefix_cache is not None else 0
+    ids = torch.full((len(suffixes), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(suffixes), n_prefix + width), dtype=torch.long)
+    attn[:, :n_prefix] = 1
+    for r, t in enumerate(suffixes):
+        ids[r, :len(t)] = torch.tensor(list(t))
+        attn[r, n_prefix:n_prefix + len(t)] = 1
+    kv = None
+    if prefix_cache is not None:
+        kv = copy.deepcopy(prefix_cache)
+        kv.batch_repeat_interleave(len(suffixes))
+    return hf.base_model(input_ids=ids.to(hf.device), attention_mask=attn.to(hf.device), cache=kv,
+                         use_cache=True).last_hidden_state
+
+
+@torch.inference_mode()
 def score_continuations(model: HookedTransformer, gens: Sequence[Generation], hook: str,
                         batch_size: int = 16) -> tuple[torch.Tensor, list[float], list[int]]:
     """Under the unsteered model: pooled activations of each continuation at ``hook``
-    [n, d_model], and the summed negative log-likelihood and token count of each continuation."""
+    [n, d_model], and the summed negative log-likelihood and token count of each continuation.
+
+    Continuations of the same prompt share one forward pass of that prompt (its KV cache is
+    repeated over the batch): the steering evaluations continue a few prompts many times, and the
+    prompt is half of every sequence."""
     from ..hf_hooks import tl_named_hooks
     from ..models import hf_twin
 
@@ -195,38 +221,38 @@ def score_continuations(model: HookedTransformer, gens: Sequence[Generation], ho
     pad = model.tokenizer.pad_token_id or 0
     pooled = torch.zeros(len(gens), model.cfg.d_model)
     nll, count = [0.0] * len(gens), [0] * len(gens)
-    order = sorted(range(len(gens)), key=lambda i: len(gens[i].prompt_ids) + len(gens[i].new_ids))
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, g in enumerate(gens):
+        if g.new_ids:
+            by_prompt.setdefault(tuple(g.prompt_ids), []).append(i)
     store: dict[str, torch.Tensor] = {}
 
     def keep(act: torch.Tensor, positions: torch.Tensor) -> None:  # noqa: ARG001
         store["act"] = act
 
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        seqs = [gens[i].prompt_ids + gens[i].new_ids for i in rows]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for r, s in enumerate(seqs):
-            ids[r, :len(s)] = torch.tensor(s)
-            attn[r, :len(s)] = 1
-        with tl_named_hooks(hf, [(hook, keep)]):  # right padding: positions need no offsets
-            final = hf.base_model(input_ids=ids.to(hf.device), attention_mask=attn.to(hf.device),
-                                  use_cache=False).last_hidden_state
-        hidden = store.pop("act").float().cpu()
-        # logits only where they predict a continuation token (the unembedding is a third of the pass)
-        spans = [(r, len(gens[i].prompt_ids), len(gens[i].new_ids)) for r, i in enumerate(rows)]
-        at = torch.cat([torch.arange(p - 1, p + n - 1) + r * width for r, p, n in spans])
-        logits = hf.lm_head(final.reshape(-1, final.shape[-1])[at.to(final.device)]).float().cpu()
-        targets = torch.tensor([t for i in rows for t in gens[i].new_ids], dtype=torch.long)
-        token_nll = logits.logsumexp(-1) - logits.gather(1, targets[:, None])[:, 0]
-        offset = 0
-        for (r, p, n), i in zip(spans, rows):
-            if n:
-                nll[i] = float(token_nll[offset:offset + n].sum())
+    for prompt, members in by_prompt.items():
+        prefix = hf.base_model(input_ids=torch.tensor([prompt], device=hf.device), use_cache=True)
+        first = hf.lm_head(prefix.last_hidden_state[:, -1]).float().cpu()[0]  # predicts each first token
+        members.sort(key=lambda i: len(gens[i].new_ids))
+        for start in range(0, len(members), batch_size):
+            rows = members[start:start + batch_size]
+            with tl_named_hooks(hf, [(hook, keep)]):
+                final = suffix_forward(hf, prefix.cache, [gens[i].new_ids for i in rows], pad)
+            hidden = store.pop("act").float().cpu()
+            # logits only where they predict a continuation token (the unembedding is a third of the pass)
+            lens = [len(gens[i].new_ids) for i in rows]
+            width = final.shape[1]
+            at = torch.cat([torch.arange(n - 1) + r * width for r, n in enumerate(lens)])
+            logits = hf.lm_head(final.reshape(-1, final.shape[-1])[at.to(final.device)]).float().cpu()
+            targets = torch.tensor([t for i in rows for t in gens[i].new_ids[1:]], dtype=torch.long)
+            token_nll = logits.logsumexp(-1) - logits.gather(1, targets[:, None])[:, 0]
+            first_nll = first.logsumexp(-1) - first[[gens[i].new_ids[0] for i in rows]]
+            offset = 0
+            for r, (i, n) in enumerate(zip(rows, lens)):
+                nll[i] = float(first_nll[r] + token_nll[offset:offset + n - 1].sum())
                 count[i] = n
-                pooled[i] = hidden[r, p:p + n].mean(0)
-            offset += n
+                pooled[i] = hidden[r, :n].mean(0)
+                offset += n - 1
     return pooled, nll, count
 
 
@@ -438,20 +464,48 @@ def preference_pairs(n: int, per_activity: int, seed: int) -> list[tuple[int, in
     return sorted(pairs)
 
 
-def _option_span_mask(tokenizer: Any, texts: Sequence[str], spans: Sequence[tuple[int, int]]) -> tuple[dict, torch.Tensor]:
-    """Left-padded encodings of ``texts`` and a bool mask of the tokens inside each char span."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False,
-                        return_offsets_mapping=True)
-    finally:
-        tokenizer.padding_side = side
-    offsets = enc.pop("offset_mapping")
-    start = torch.tensor([s for s, _ in spans])[:, None]
-    stop = torch.tensor([e for _, e in spans])[:, None]
-    mask = (offsets[..., 1] > start) & (offsets[..., 0] < stop) & enc["attention_mask"].bool()
-    return enc, mask
+def option_tokens(tokenizer: Any, texts: Sequence[str], spans: Sequence[tuple[int, int]]
+                  ) -> tuple[list[list[int]], list[list[bool]]]:
+    """Token ids of each text and, per token, whether it overlaps the text's char span (option A)."""
+    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    inside = [[e > start and s < stop for s, e in offsets]
+              for offsets, (start, stop) in zip(enc["offset_mapping"], spans)]
+    return enc["input_ids"], inside
+
+
+@torch.inference_mode()
+def choice_probs(model: HookedTransformer, ids: Sequence[Sequence[int]], inside: Sequence[Sequence[bool]],
+                 choices: tuple[int, int], steering: Steering | None = None, batch_size: int = 16) -> torch.Tensor:
+    """P(first choice) vs the second at the end of each token sequence, the model steered on the
+    tokens marked ``inside`` only. The sequences' common prefix (up to the first marked token) runs
+    once and its KV cache is shared, so a batch forwards only what differs."""
+    from ..models import hf_twin
+
+    hf = hf_twin(model)
+    pad = model.tokenizer.pad_token_id or 0
+    n = min(len(t) for t in ids) - 1
+    for k in range(n):
+        if any(t[k] != ids[0][k] for t in ids) or any(m[k] for m in inside):
+            n = k
+            break
+    prefix = hf.base_model(input_ids=torch.tensor([list(ids[0][:n])], device=hf.device),
+                           use_cache=True).cache if n else None
+    probs = []
+    for start in range(0, len(ids), batch_size):
+        rows = range(start, min(start + batch_size, len(ids)))
+        suffixes = [ids[i][n:] for i in rows]
+        width = max(len(t) for t in suffixes)
+        mask = torch.zeros((len(rows), n + width), dtype=torch.bool)
+        for r, i in enumerate(rows):
+            mask[r, n:len(ids[i])] = torch.tensor(inside[i][n:])
+        with contextlib.ExitStack() as stack:
+            if steering is not None:
+                stack.enter_context(steered(model, steering, backend="hf", token_mask=mask))
+            final = suffix_forward(hf, prefix, suffixes, pad)
+        last = final[torch.arange(len(rows)), torch.tensor([len(t) - 1 for t in suffixes])]
+        logits = hf.lm_head(last)[:, list(choices)].float()
+        probs.append(torch.softmax(logits, -1)[:, 0].cpu())
+    return torch.cat(probs)
 
 
 @torch.inference_mode()
@@ -466,10 +520,9 @@ def preference_eval(
 ) -> PreferenceResult:
     """Activity choices (P(' A') vs P(' B') after the answer prefix), unsteered and steered on A."""
     from ..activations import forward_hooks, iter_batches
-    from ..models import chat_prompt, hf_twin
+    from ..models import chat_prompt
 
     tok = model.tokenizer
-    hf = hf_twin(model)
     id_a = tok(" A", add_special_tokens=False).input_ids[-1]
     id_b = tok(" B", add_special_tokens=False).input_ids[-1]
     pairs = preference_pairs(len(activities), cfg.preference_pairs, cfg.seed)
@@ -481,22 +534,13 @@ def preference_eval(
         start = text.index("A: " + activities[a].text) + 3
         texts.append(text)
         spans.append((start, start + len(activities[a].text)))
+    ids, inside = option_tokens(tok, texts, spans)
     conditions = {"none": None}
     for label, name in (("positive", cfg.preference_positive), ("negative", cfg.preference_negative)):
         conditions[label] = Steering.from_spec(SteeringSpec(emotions={name: cfg.preference_strength}),
                                                model, directions=steer_dirs, norm=norm)
-    p_a: dict[str, np.ndarray] = {}
-    for label, steering in conditions.items():
-        probs = []
-        for start in range(0, len(texts), batch_size):
-            enc, mask = _option_span_mask(tok, texts[start:start + batch_size], spans[start:start + batch_size])
-            enc["position_ids"] = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # as generate does
-            with contextlib.ExitStack() as stack:
-                if steering is not None:
-                    stack.enter_context(steered(model, steering, backend="hf", token_mask=mask))
-                logits = hf(**enc.to(hf.device), use_cache=False, logits_to_keep=1).logits[:, -1]
-            probs.append(torch.softmax(logits[:, [id_a, id_b]].float(), -1)[:, 0].cpu())
-        p_a[label] = torch.cat(probs).numpy()
+    p_a = {label: choice_probs(model, ids, inside, (id_a, id_b), steering, batch_size).numpy()
+           for label, steering in conditions.items()}
     wins = np.zeros(len(activities))
     seen = np.zeros(len(activities))
     for (a, b), p in zip(shown, p_a["none"]):
