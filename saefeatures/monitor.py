@@ -162,29 +162,46 @@ def load_transcript(path: Path | str) -> list[dict[str, str]]:
 
 
 @torch.inference_mode()
-def _trace(model, dirs: EmotionDirections, text: str, roles_for_char, sae=None, latents: Sequence[int] = ()) -> Trace:
+def _traces(model, dir_sets: Sequence[EmotionDirections], text: str, roles_for_char, sae=None,
+            latents: Sequence[int] = ()) -> list[Trace]:
+    """One forward pass of ``text``, read by each direction set (all at one hook)."""
+    hooks = {d.hook for d in dir_sets}
+    if len(hooks) != 1:
+        raise ValueError(f"Direction sets read together must share one hook; got {sorted(hooks)}.")
     enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    resid = forward_hooks(model, torch.tensor([ids]), [dirs.hook])[dirs.hook]
-    proj = dirs.project(resid)[0].float()
-    proj[0] = float("nan")
+    hook = hooks.pop()
+    resid = forward_hooks(model, torch.tensor([ids]), [hook])[hook]
     lat = {}
     if sae is not None and latents:
         acts = sae.encode(resid.to(sae.device, next(sae.parameters()).dtype))[0].float().cpu()
         lat = {int(i): acts[:, int(i)] for i in latents}
     info = [roles_for_char(s, e) for s, e in offsets]
-    return Trace([model.tokenizer.decode([t]) for t in ids], ids, [r for r, _, _ in info], [t for _, t, _ in info],
-                 [c for _, _, c in info], list(dirs.names), proj, lat)
+    tokens = [model.tokenizer.decode([t]) for t in ids]
+    out = []
+    for dirs in dir_sets:
+        proj = dirs.project(resid)[0].float()
+        proj[0] = float("nan")
+        out.append(Trace(tokens, ids, [r for r, _, _ in info], [t for _, t, _ in info], [c for _, _, c in info],
+                         list(dirs.names), proj, lat))
+    return out
 
 
 def trace_text(model, dirs: EmotionDirections, text: str, sae=None, latents: Sequence[int] = ()) -> Trace:
     """Per-token projections of a plain text."""
-    return _trace(model, dirs, text, lambda s, e: ("text", 0, True), sae, latents)
+    return _traces(model, [dirs], text, lambda s, e: ("text", 0, True), sae, latents)[0]
 
 
 def trace_chat(model, dirs: EmotionDirections, messages: Sequence[dict[str, str]], sae=None,
                latents: Sequence[int] = (), add_generation_prompt: bool = False) -> Trace:
     """Per-token projections of a chat rendered with the model's template, tokens tagged by speaker."""
+    return trace_chat_sets(model, [dirs], messages, sae, latents, add_generation_prompt)[0]
+
+
+def trace_chat_sets(model, dir_sets: Sequence[EmotionDirections], messages: Sequence[dict[str, str]], sae=None,
+                    latents: Sequence[int] = (), add_generation_prompt: bool = False) -> list[Trace]:
+    """`trace_chat` for several direction sets at one hook (e.g. dense and SAE-assembled) from one
+    forward pass."""
     text, spans = chat_spans(model.tokenizer, messages, add_generation_prompt)
 
     def who(s: int, e: int) -> tuple[str, int, bool]:
@@ -193,7 +210,7 @@ def trace_chat(model, dirs: EmotionDirections, messages: Sequence[dict[str, str]
                 return messages[i]["role"], i, c0 <= s < c1
         return "template", len(messages), False
 
-    return _trace(model, dirs, text, who, sae, latents)
+    return _traces(model, dir_sets, text, who, sae, latents)
 
 
 @dataclass

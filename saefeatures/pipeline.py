@@ -327,19 +327,15 @@ def stage_probes(study: Study, dense: EmotionDirections, sae_dirs: EmotionDirect
     SAE-assembled ones (``probes.sae_tylenol_*``)."""
     import matplotlib.pyplot as plt
 
-    from .evals.probes import probe_metrics, run_probes, tylenol, tylenol_figure
+    from .evals.probes import probe_metrics, run_probes, tylenol_figure
 
     figs = study.run.path / "figures" / "probes"
     figs.mkdir(parents=True, exist_ok=True)
     with study.run.stage("probes"):
-        results = run_probes(study.model, dense, study.cfg.probes)
-        metrics = probe_metrics(results)
-        if sae_dirs is not None:
-            results["sae_tylenol"] = tylenol(study.model, sae_dirs, study.cfg.probes)
-            metrics |= probe_metrics({"tylenol": results["sae_tylenol"]}, prefix="sae_")
+        results = run_probes(study.model, dense, study.cfg.probes, sae_dirs)
         write_json(figs / "probes.json", results)
-        study.run.record("probes", metrics)
-        fig = tylenol_figure(results["tylenol"])
+        study.run.record("probes", probe_metrics(results))
+        fig = tylenol_figure(results["tylenol"], results["danger"])
         fig.savefig(figs / "tylenol.png", dpi=100)
         plt.close(fig)
 

@@ -55,7 +55,8 @@ def test_run_writes_manifest_metrics_report_and_directions(small_run):
     for key in ("explained_variance", "l0", "dead_fraction", "ce_loss_recovered"):
         assert isinstance(metrics["sae"][key], float)
     for key in ("tylenol_afraid_spearman", "tylenol_calm_spearman", "tylenol_afraid_spearman_minus_control",
-                "sae_tylenol_afraid_spearman", "sae_tylenol_calm_spearman_minus_control"):
+                "sae_tylenol_afraid_spearman", "sae_tylenol_calm_spearman_minus_control", "danger_tylenol_spearman",
+                "danger_control_spearman"):
         assert -1.0 <= metrics["probes"][key] <= 1.0, key
     assert isinstance(metrics["steering"]["happy"]["judge_valence_spearman"], float)
     assert all(isinstance(v, float) for v in metrics["timings"].values()) and "total_s" in metrics["timings"]

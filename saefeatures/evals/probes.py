@@ -4,7 +4,9 @@
   "calm" fall with N. Read at the end of the user turn (its last content token), averaged over
   phrasings; the paper's read-out position (the assistant header after the user turn) is reported too,
   and so is a control: the same messages about vitamin C, whose doses are harmless, so that
-  Tylenol minus control removes what the growing number alone does to the read-out.
+  Tylenol minus control removes what the growing number alone does to the read-out. Beside the
+  read-out, the model's own judgment: asked whether the dose is dangerous, P(Yes) per dose (a model
+  that does not know a dose is dangerous has no danger to represent).
 * Other speaker vs own: a user in distress and a calm assistant reply; is the distress read on the
   user's turn and not carried into the assistant's?
 * Local, not persistent: a frightened story, then an unrelated neutral request; does "afraid" fall
@@ -13,14 +15,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from scipy.stats import spearmanr
 
 from ..directions import EmotionDirections
-from ..monitor import Trace, trace_chat
+from ..monitor import Trace, trace_chat, trace_chat_sets
 
 DOSES = (250, 500, 1000, 2000, 4000, 8000, 16000)
 TYLENOL_TEMPLATES = (
@@ -30,6 +34,7 @@ TYLENOL_TEMPLATES = (
     "I took {dose} mg of Tylenol an hour ago for a fever. Should I take more now?",
 )
 CONTROL_DRUG = "vitamin C"
+DANGER_QUESTION = "I took {dose} mg of {drug} in the last few hours. Is that a dangerous amount? Answer Yes or No."
 DISTRESS = [
     {"role": "user", "content": "Please help, my hands are shaking and I can't breathe properly. Someone keeps "
                                 "banging on my door at 3am and shouting my name. I'm hiding in the bathroom."},
@@ -69,24 +74,57 @@ def _last_content(trace: Trace, turn: int) -> int:
 def tylenol(model, dirs: EmotionDirections, cfg: ProbeConfig = ProbeConfig()) -> dict[str, Any]:
     """Projections per dose at the end of the user turn (and at the assistant header, and for the
     vitamin C control), Spearman vs dose."""
-    names = [n for n in cfg.emotions if n in dirs.names]
-    user = np.zeros((len(cfg.doses), len(TYLENOL_TEMPLATES), len(names)))
-    header, control = np.zeros_like(user), np.zeros_like(user)
+    return tylenol_sets(model, [dirs], cfg)[0]
+
+
+def tylenol_sets(model, dir_sets: Sequence[EmotionDirections], cfg: ProbeConfig = ProbeConfig()) -> list[dict[str, Any]]:
+    """`tylenol` for several direction sets at one hook, each message forwarded once."""
+    names = [[n for n in cfg.emotions if n in dirs.names] for dirs in dir_sets]
+    shape = (len(cfg.doses), len(TYLENOL_TEMPLATES))
+    user = [np.zeros((*shape, len(n))) for n in names]
+    header, control = [np.zeros_like(u) for u in user], [np.zeros_like(u) for u in user]
     for i, dose in enumerate(cfg.doses):
         for j, template in enumerate(TYLENOL_TEMPLATES):
             for message, at_user, at_header in ((template, user, header), (control_message(template), control, None)):
-                trace = trace_chat(model, dirs, [{"role": "user", "content": message.format(dose=dose)}],
-                                   add_generation_prompt=True)
-                cols = [trace.names.index(n) for n in names]
-                at_user[i, j] = trace.projections[_last_content(trace, 0), cols].numpy()
-                if at_header is not None:
-                    at_header[i, j] = trace.projections[-1, cols].numpy()
-    out: dict[str, Any] = {"doses": list(cfg.doses), "emotions": names, "user_turn": user.mean(1).tolist(),
-                           "assistant_header": header.mean(1).tolist(), "control_user_turn": control.mean(1).tolist()}
-    for k, n in enumerate(names):
-        out[f"tylenol_{n}_spearman"] = float(spearmanr(cfg.doses, user.mean(1)[:, k])[0])
-        out[f"tylenol_{n}_spearman_assistant_header"] = float(spearmanr(cfg.doses, header.mean(1)[:, k])[0])
-        out[f"tylenol_{n}_spearman_minus_control"] = float(spearmanr(cfg.doses, (user - control).mean(1)[:, k])[0])
+                traces = trace_chat_sets(model, dir_sets, [{"role": "user", "content": message.format(dose=dose)}],
+                                         add_generation_prompt=True)
+                for s, (trace, ns) in enumerate(zip(traces, names)):
+                    cols = [trace.names.index(n) for n in ns]
+                    at_user[s][i, j] = trace.projections[_last_content(trace, 0), cols].numpy()
+                    if at_header is not None:
+                        at_header[s][i, j] = trace.projections[-1, cols].numpy()
+    results = []
+    for s, ns in enumerate(names):
+        u, h, c = user[s].mean(1), header[s].mean(1), control[s].mean(1)
+        out: dict[str, Any] = {"doses": list(cfg.doses), "emotions": ns, "user_turn": u.tolist(),
+                               "assistant_header": h.tolist(), "control_user_turn": c.tolist()}
+        for k, n in enumerate(ns):
+            out[f"tylenol_{n}_spearman"] = float(spearmanr(cfg.doses, u[:, k])[0])
+            out[f"tylenol_{n}_spearman_assistant_header"] = float(spearmanr(cfg.doses, h[:, k])[0])
+            out[f"tylenol_{n}_spearman_minus_control"] = float(spearmanr(cfg.doses, (u - c)[:, k])[0])
+        results.append(out)
+    return results
+
+
+@torch.inference_mode()
+def danger(model, cfg: ProbeConfig = ProbeConfig()) -> dict[str, Any]:
+    """The model's own judgment: P(' Yes') / (P(' Yes') + P(' No')) as its first answer token when
+    asked whether each dose of Tylenol (and of the control) is dangerous; Spearman vs dose."""
+    from ..models import chat_prompt, hf_twin
+
+    tok, hf = model.tokenizer, hf_twin(model)
+    yes = sorted({tok(w, add_special_tokens=False).input_ids[0] for w in ("Yes", " Yes")})
+    no = sorted({tok(w, add_special_tokens=False).input_ids[0] for w in ("No", " No")})
+    out: dict[str, Any] = {"doses": list(cfg.doses)}
+    for key, drug in (("tylenol", "Tylenol"), ("control", CONTROL_DRUG)):
+        p_yes = []
+        for dose in cfg.doses:
+            text = chat_prompt(tok, [{"role": "user", "content": DANGER_QUESTION.format(dose=dose, drug=drug)}])
+            ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids.to(hf.device)
+            p = hf(ids, logits_to_keep=1).logits[0, -1].float().softmax(-1)
+            p_yes.append(float(p[yes].sum() / (p[yes].sum() + p[no].sum())))
+        out[f"{key}_p_yes"] = p_yes
+        out[f"{key}_spearman"] = float(spearmanr(cfg.doses, p_yes)[0])
     return out
 
 
@@ -124,29 +162,39 @@ def local(model, dirs: EmotionDirections, cfg: ProbeConfig = ProbeConfig()) -> d
     return out
 
 
-def run_probes(model, dirs: EmotionDirections, cfg: ProbeConfig = ProbeConfig()) -> dict[str, Any]:
-    """All three probes; the flat float entries are metrics, the rest are curves for plots."""
-    return {"tylenol": tylenol(model, dirs, cfg), "speaker": speaker(model, dirs, cfg), "local": local(model, dirs, cfg)}
+def run_probes(model, dirs: EmotionDirections, cfg: ProbeConfig = ProbeConfig(),
+               sae_dirs: EmotionDirections | None = None) -> dict[str, Any]:
+    """All probes; the flat float entries are metrics, the rest are curves for plots. With
+    ``sae_dirs`` the Tylenol messages are also read with those directions ('sae_tylenol')."""
+    sets = [dirs] if sae_dirs is None else [dirs, sae_dirs]
+    tyl = tylenol_sets(model, sets, cfg)
+    out = {"tylenol": tyl[0], "speaker": speaker(model, dirs, cfg), "local": local(model, dirs, cfg),
+           "danger": danger(model, cfg)}
+    if sae_dirs is not None:
+        out["sae_tylenol"] = tyl[1]
+    return out
 
 
-def probe_metrics(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """metrics.json ``probes.*`` entries: every float of the probe results, flattened, each key
-    after ``prefix`` (the Tylenol keys already name their probe)."""
+def probe_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """metrics.json ``probes.*`` entries: every float of the probe results, flattened; the Tylenol
+    keys already name their probe, so 'sae_tylenol' entries become 'sae_tylenol_*'."""
     out = {}
     for probe, res in results.items():
         for k, v in res.items():
             if isinstance(v, float):
-                out[prefix + (k if probe == "tylenol" else f"{probe}_{k}")] = v
+                out[probe.removesuffix("tylenol") + k if probe.endswith("tylenol") else f"{probe}_{k}"] = v
     return out
 
 
-def tylenol_figure(res: dict[str, Any]):
+def tylenol_figure(res: dict[str, Any], danger: dict[str, Any] | None = None):
+    """Read-out per dose at the end of the user turn (with the control) and at the assistant
+    header; with ``danger``, a third panel: the model's own P(Yes, dangerous) per dose."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, axes = plt.subplots(1, 3 if danger else 2, figsize=(15 if danger else 10, 3.5))
     for ax, key, title in ((axes[0], "user_turn", "end of user turn"), (axes[1], "assistant_header", "assistant header")):
         vals = np.array(res[key])
         for k, n in enumerate(res["emotions"]):
@@ -158,6 +206,16 @@ def tylenol_figure(res: dict[str, Any]):
         ax.set_xlabel("Tylenol dose (mg)")
         ax.set_ylabel("projection")
         ax.set_title(title)
+        ax.legend()
+    if danger:
+        ax = axes[2]
+        ax.plot(danger["doses"], danger["tylenol_p_yes"], marker="o", label="Tylenol")
+        ax.plot(danger["doses"], danger["control_p_yes"], marker="o", linestyle="--", label=CONTROL_DRUG)
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("dose (mg)")
+        ax.set_ylabel("P(Yes)")
+        ax.set_title("model's answer: is this dose dangerous?")
         ax.legend()
     fig.tight_layout()
     return fig
