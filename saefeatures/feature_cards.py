@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .activations import forward_hooks, iter_batches, with_dtype
+from .activations import tokenize_texts
 from .directions import EmotionDirections
 from .latent_effects import logit_lens
 from .scoring import LatentScores
@@ -46,14 +46,15 @@ class FeatureCard:
         return asdict(self)
 
 
-def _top_records(scores: LatentScores, latent: int, n: int) -> dict[int, int]:
-    """Up to ``n`` records holding the latent's highest class maxima: record index -> peak position."""
-    order = torch.argsort(scores.max[:, latent], descending=True)
-    out: dict[int, int] = {}
-    for c in order:
+def _top_maxima(scores: LatentScores, latent: int, n: int) -> list[int]:
+    """Classes whose maxima of the latent are the ``n`` highest, one per record (the scoring pass
+    kept each maximum's record, position and window)."""
+    out, seen = [], set()
+    for c in torch.argsort(scores.max[:, latent], descending=True).tolist():
         r = int(scores.max_record[c, latent])
-        if r >= 0 and r not in out:
-            out[r] = int(scores.max_pos[c, latent])
+        if r >= 0 and r not in seen:
+            seen.add(r)
+            out.append(c)
         if len(out) == n:
             break
     return out
@@ -61,8 +62,10 @@ def _top_records(scores: LatentScores, latent: int, n: int) -> dict[int, int]:
 
 @torch.inference_mode()
 def build_cards(model, sae, scores: LatentScores, dirs: EmotionDirections, records: Sequence,
-                per_emotion: int = 2, snippets: int = 3, window: int = 24, dtype: str = "auto") -> list[FeatureCard]:
-    """Cards for the ``per_emotion`` highest-weighted latents of each emotion in ``dirs``."""
+                per_emotion: int = 2, snippets: int = 3) -> list[FeatureCard]:
+    """Cards for the ``per_emotion`` highest-weighted latents of each emotion in ``dirs``. Snippets
+    are the windows around each latent's top activations that the scoring pass kept: no forward
+    pass over the corpus."""
     by_id = {r.id: r for r in records}
     chosen: list[tuple[str, int, float]] = []
     for name in dirs.names:
@@ -70,30 +73,14 @@ def build_cards(model, sae, scores: LatentScores, dirs: EmotionDirections, recor
         chosen += [(name, i, w) for i, w in top]
     latents = sorted({i for _, i, _ in chosen})
     lens = logit_lens(model, sae, latents) if latents else {}
-    tops = {lat: _top_records(scores, lat, snippets) for lat in latents}
-    need = {lat: [scores.record_ids[r] for r in top] for lat, top in tops.items()}
-    # only the tokens up to the last window's end are read: each peak is the latent's maximum over
-    # the scored positions, so no later token can outrank it
-    upto: dict[str, int] = {}
-    for top in tops.values():
-        for r, pos in top.items():
-            rid = scores.record_ids[r]
-            upto[rid] = max(upto.get(rid, 0), pos + window // 2 + 1)
-    rec_ids = sorted(upto)
+    tops = {lat: _top_maxima(scores, lat, snippets) for lat in latents}
+    rec_ids = sorted({scores.record_ids[int(scores.max_record[c, lat])] for lat, cs in tops.items() for c in cs})
     missing = [r for r in rec_ids if r not in by_id]
     if missing:
         raise ValueError(f"Scored records not in the corpus given: {missing[:3]}; pass the corpus the scores came from.")
-    run_model = with_dtype(model, dtype)
-    hook = sae.cfg.metadata.hook_name
-    per_record: dict[str, tuple[list[int], torch.Tensor]] = {}
-    for batch in iter_batches(model.tokenizer, rec_ids, [by_id[r].text for r in rec_ids], 4096, 256,
-                              keep=[upto[r] for r in rec_ids]):
-        resid = forward_hooks(run_model, batch.tokens, [hook])[hook]
-        lat = sae.encode(resid.to(sae.device, next(sae.parameters()).dtype))[..., latents].float().cpu()
-        for row, rid in enumerate(batch.ids):
-            n = int(batch.lengths[row])
-            per_record[rid] = (batch.tokens[row, :n].tolist(), lat[row, :n])
-    col = {lat: j for j, lat in enumerate(latents)}
+    tokens = dict(zip(rec_ids, tokenize_texts(model.tokenizer, [by_id[r].text for r in rec_ids],
+                                              scores.config["max_tokens"])))
+    half = scores.max_window.shape[-1] // 2
     means = scores.means()
     table_cols = ("auroc", "cohens_d", "mean_diff", "mean_diff_neutral", "firing_ratio", "firing_rate")
     derived = {k: getattr(scores, k)() for k in table_cols}
@@ -103,15 +90,13 @@ def build_cards(model, sae, scores: LatentScores, dirs: EmotionDirections, recor
         order = torch.argsort(means[:, lat], descending=True)[:5]
         card = FeatureCard(lat, name, w, {k: float(v[c, lat]) for k, v in derived.items()} | {"max": float(scores.max[c, lat])},
                            [(scores.classes[int(i)], float(means[i, lat])) for i in order], lens[lat])
-        for rid in need[lat]:
-            toks, acts = per_record[rid]
-            a = acts[:, col[lat]].clone()
-            a[0] = 0.0  # the attention-sink token is never scored
-            peak = int(a.argmax())
-            lo, hi = max(1, peak - window // 2), min(len(toks), peak + window // 2)
-            card.snippets.append(Snippet(rid, by_id[rid].emotion,
-                                         [model.tokenizer.decode([t]) for t in toks[lo:hi]],
-                                         [round(float(x), 3) for x in a[lo:hi]]))
+        for k in tops[lat]:
+            rid = scores.record_ids[int(scores.max_record[k, lat])]
+            toks, peak = tokens[rid], int(scores.max_pos[k, lat])
+            lo, hi = max(1, peak - half), min(len(toks), peak + half)  # the attention sink (token 0) is never scored
+            acts = scores.max_window[k, lat, lo - peak + half:hi - peak + half]
+            card.snippets.append(Snippet(rid, by_id[rid].emotion, [model.tokenizer.decode([t]) for t in toks[lo:hi]],
+                                         [round(float(x), 3) for x in acts]))
         cards.append(card)
     return cards
 

@@ -74,6 +74,9 @@ class ScoringConfig:
     """The bins span 0 to this multiple of each latent's warm-up scale."""
     warmup_records: int = 256
     """Records (spread over the corpus) whose pooled maxima set each latent's histogram scale."""
+    window: int = 24
+    """Token activations kept around each class maximum: the feature cards' snippets, read without
+    another pass over the corpus."""
 
 
 @dataclass
@@ -100,6 +103,9 @@ class LatentScores:
     """(C, L) index into ``record_ids`` of that token's record (-1: never active)."""
     max_pos: Tensor
     """(C, L) its token position."""
+    max_window: Tensor
+    """(C, L, window) the latent's activations at positions ``max_pos - window // 2`` onwards in that
+    record (entries outside the record are meaningless)."""
     hist_scale: Tensor
     """(L,) each latent's histogram scale (see module doc)."""
     record_ids: list[str]
@@ -200,7 +206,8 @@ class LatentScores:
 
     # ------------------------------------------------------------ storage
 
-    _TENSORS = ("count", "sum", "sumsq", "hist", "fire", "tokens", "max", "max_record", "max_pos", "hist_scale")
+    _TENSORS = ("count", "sum", "sumsq", "hist", "fire", "tokens", "max", "max_record", "max_pos", "max_window",
+                "hist_scale")
 
     def save(self, path: Path | str) -> Path:
         path = Path(path)
@@ -237,13 +244,15 @@ class ScoreAccumulator:
             "sumsq": torch.zeros(C, L, dtype=torch.float64), "hist": torch.zeros(C * L * B, dtype=torch.int32),
             "fire": torch.zeros(C, L, dtype=torch.long), "tokens": torch.zeros(C, dtype=torch.long),
             "max": torch.zeros(C, L), "max_record": torch.full((C, L), -1, dtype=torch.long),
-            "max_pos": torch.zeros(C, L, dtype=torch.long),
+            "max_pos": torch.zeros(C, L, dtype=torch.long), "max_window": torch.zeros(C, L, cfg.window),
         }
+        self.offsets = torch.arange(cfg.window) - cfg.window // 2
 
     def update(self, lat: Float[Tensor, "b pos L"], mask: Tensor, y: Tensor, rec: Tensor) -> None:
         """Add a batch: latents (zeroed outside ``mask``), class index ``y`` and record index ``rec`` per row."""
         acc, (C, L, B) = self.acc, self.shape
-        lat = lat.float() * mask[..., None]
+        raw = lat.float()
+        lat = raw * mask[..., None]
         n_tok = mask.sum(1)
         pooled = pool_batch(lat, mask)
         acc["count"].index_add_(0, y, torch.ones_like(y))
@@ -262,6 +271,9 @@ class ScoreAccumulator:
             acc["max"][c] = torch.where(better, best[row], acc["max"][c])
             acc["max_record"][c] = torch.where(better, rec[row], acc["max_record"][c])
             acc["max_pos"][c] = torch.where(better, pos[row], acc["max_pos"][c])
+            idx = better.nonzero(as_tuple=True)[0]
+            at = (pos[row, idx][:, None] + self.offsets).clamp(0, lat.shape[1] - 1)
+            acc["max_window"][c, idx] = raw[row, at, idx[:, None]]
 
     def finish(self) -> LatentScores:
         acc = dict(self.acc)

@@ -93,8 +93,8 @@ def test_rerun_skips_finished_stages(small_run, model):
 
 
 def test_card_snippets_are_the_peak_window_of_the_whole_record(small_run, model):
-    """Cards forward only each record's prefix up to the last window: the snippet must still be the
-    window around the latent's peak over the whole record."""
+    """Cards show the windows the scoring pass kept: each snippet must be the window around the
+    latent's peak over the whole record, as a fresh forward pass of that record gives it."""
     import torch
 
     from saefeatures.activations import forward_hooks, tokenize_texts
@@ -112,7 +112,10 @@ def test_card_snippets_are_the_peak_window_of_the_whole_record(small_run, model)
                 resid = forward_hooks(model, torch.tensor([ids]), [sae.cfg.metadata.hook_name])
                 acts = sae.encode(resid[sae.cfg.metadata.hook_name])[0, :, card["latent"]]
             acts[0] = 0.0
-            assert max(snip["acts"]) == pytest.approx(float(acts.max()), abs=1e-3)
+            peak = int(acts.argmax())
+            assert max(snip["acts"]) == pytest.approx(float(acts[peak]), abs=1e-3)
+            lo = max(1, peak - 12)
+            assert snip["acts"] == pytest.approx(acts[lo:lo + len(snip["acts"])].tolist(), abs=1e-3)
             assert "".join(snip["tokens"]) in model.tokenizer.decode(ids)
             checked += 1
     assert checked >= 4

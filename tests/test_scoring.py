@@ -50,6 +50,20 @@ def test_planted_latent_is_ranked_first():
     assert s.max[0, 7] == 3.0 and s.max_record[1, 7] == -1
 
 
+def test_the_window_around_each_maximum_is_kept():
+    acc = ScoreAccumulator(["afraid", "calm"], torch.ones(2), "blocks.6.hook_resid_post", ["r0", "r1"],
+                           ScoringConfig(window=4))
+    lat = torch.zeros(2, 7, 2)
+    lat[0, :, 0] = torch.arange(7.0)  # peak at the last position: the window is clamped there
+    lat[1, :, 1] = torch.tensor([9.0, 0, 5, 1, 0, 0, 0])  # position 0 is masked out: peak at 2
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[:, 0] = False
+    acc.update(lat, mask, torch.tensor([0, 1]), torch.tensor([0, 1]))
+    s = acc.finish()
+    assert s.max_pos[0, 0] == 6 and s.max_window[0, 0].tolist() == [4.0, 5.0, 6.0, 6.0]
+    assert s.max_pos[1, 1] == 2 and s.max_window[1, 1].tolist() == [9.0, 0.0, 5.0, 1.0]  # unmasked values
+
+
 @torch.no_grad()
 def _dense_reference(model, sae, recs):
     pooled = []
