@@ -15,21 +15,28 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 
 class NucleusSampling(LogitsProcessor):
-    """Temperature, then top-p (nucleus) filtering, as transformers' own warpers do, but finding
-    the nucleus with ``topk`` instead of sorting the whole vocabulary: on CPU that sort of every
-    row took as long as the model's decoding step itself. ``k`` grows until the top ``k`` tokens
-    hold ``top_p`` of the mass in every row, so the kept set is the same as a full sort's."""
+    """Samples the next token with temperature and top-p (nucleus), as transformers' warpers and
+    multinomial draw would, and returns scores in which only that token is finite: run it last,
+    with greedy decoding (``do_sample=False``), and ``generate`` takes the drawn token.
+
+    Two costs of transformers' own path on CPU are avoided. The nucleus is found with ``topk``
+    (``k`` grows until the top ``k`` tokens hold ``top_p`` of the mass in every row, so the kept set
+    is a full sort's) instead of sorting every row, which took as long as the decoding step; and the
+    draw is among the nucleus only, instead of one random number per vocabulary entry (15% of a
+    batch-64 step here)."""
 
     def __init__(self, temperature: float, top_p: float, k: int = 256):
         if temperature <= 0 or not 0 < top_p <= 1:
             raise ValueError(f"NucleusSampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}.")
         self.temperature, self.top_p, self.k = temperature, top_p, k
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
+    def _top(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(values, token ids, kept) of the top-k tempered scores, k covering ``top_p`` in every row."""
         scores = scores / self.temperature
-        if self.top_p >= 1.0:
-            return scores
         vocab = scores.shape[-1]
+        if self.top_p >= 1.0:
+            idx = torch.arange(vocab, device=scores.device).expand_as(scores)
+            return scores, idx, torch.isfinite(scores)
         lse = scores.float().logsumexp(-1, keepdim=True)
         k = min(self.k, vocab)
         while True:
@@ -41,15 +48,27 @@ class NucleusSampling(LogitsProcessor):
             k = min(4 * k, vocab)
         keep = (cum - probs) < self.top_p  # the mass above a token is below top_p
         keep[:, 0] = True
+        return vals, idx, keep
+
+    def nucleus(self, scores: torch.Tensor) -> torch.Tensor:
+        """The tempered scores with every token outside the nucleus at -inf (what is sampled from)."""
+        vals, idx, keep = self._top(scores)
         out = torch.full_like(scores, -float("inf"))
-        return out.scatter_(1, idx, vals.masked_fill(~keep, -float("inf")))
+        return out.scatter_(1, idx, (vals.masked_fill(~keep, -float("inf"))).to(scores.dtype))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
+        vals, idx, keep = self._top(scores)
+        probs = vals.float().masked_fill(~keep, -float("inf")).softmax(-1)
+        token = idx.gather(1, torch.multinomial(probs, 1))
+        return torch.full_like(scores, -float("inf")).scatter_(1, token, 0.0)
 
 
 def sampling_kwargs(temperature: float, top_p: float) -> dict[str, Any]:
-    """``generate`` keyword arguments: greedy for temperature 0, else sampling with `NucleusSampling`."""
+    """``generate`` keyword arguments: greedy for temperature 0, else `NucleusSampling` (which
+    draws the token itself, so ``generate`` decodes greedily either way)."""
     if temperature <= 0:
         return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    return {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": None,  # no built-in warpers
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None,
             "logits_processor": LogitsProcessorList([NucleusSampling(temperature, top_p)])}
 
 
