@@ -228,6 +228,10 @@ class LatentScores:
             raise FileNotFoundError(f"No latent scores in {path}; run `saefeatures score` first.")
         meta = json.loads((path / "scores.json").read_text())
         t = load_file(str(path / "scores.safetensors"))
+        missing = [k for k in cls._TENSORS if k not in t]
+        if missing:
+            raise ValueError(f"{path} lacks {missing} (written by an older saefeatures); delete it and score again "
+                             "(`saefeatures run` rescores by itself).")
         return cls(meta["classes"], meta["hook"], *(t[k] for k in cls._TENSORS), meta["record_ids"], meta["config"])
 
 

@@ -98,6 +98,13 @@ def test_streaming_statistics_equal_dense_computation(model, random_sae, tmp_pat
     s.save(tmp_path / "s")
     back = LatentScores.load(tmp_path / "s")
     assert back.classes == s.classes and torch.equal(back.hist, s.hist) and torch.equal(back.sum, s.sum)
+    assert torch.equal(back.max_window, s.max_window)
+    from safetensors.torch import load_file, save_file
+
+    old = {k: v for k, v in load_file(str(tmp_path / "s" / "scores.safetensors")).items() if k != "max_window"}
+    save_file(old, str(tmp_path / "s" / "scores.safetensors"))  # as an older version wrote them
+    with pytest.raises(ValueError, match=r"lacks \['max_window'\].*score again"):
+        LatentScores.load(tmp_path / "s")
 
 
 def test_scoring_pass_fills_the_activation_store(model, random_sae, tmp_path, monkeypatch):
