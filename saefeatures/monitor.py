@@ -104,7 +104,7 @@ def calibrate(model, dirs: EmotionDirections, texts: Sequence[str], batch_tokens
     """Token-level projection statistics on neutral ``texts`` (first token of each left out)."""
     total, sq, n = torch.zeros(len(dirs.names), dtype=torch.float64), torch.zeros(len(dirs.names), dtype=torch.float64), 0
     for batch in iter_batches(model.tokenizer, [str(i) for i in range(len(texts))], list(texts), batch_tokens, 256):
-        proj = dirs.project(forward_hooks(model, batch.tokens, [dirs.hook])[dirs.hook]).double()
+        proj = dirs.project(forward_hooks(model, batch.tokens, [dirs.hook])[dirs.hook]).double().cpu()
         m = batch.content_mask()
         sel = proj[m]
         total += sel.sum(0)
@@ -180,7 +180,7 @@ def _traces(model, dir_sets: Sequence[EmotionDirections], text: str, roles_for_c
     tokens = [model.tokenizer.decode([t]) for t in ids]
     out = []
     for dirs in dir_sets:
-        proj = dirs.project(resid)[0].float()
+        proj = dirs.project(resid)[0].float().cpu()
         proj[0] = float("nan")
         out.append(Trace(tokens, ids, [r for r, _, _ in info], [t for _, t, _ in info], [c for _, _, c in info],
                          list(dirs.names), proj, lat))
