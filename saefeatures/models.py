@@ -343,7 +343,7 @@ def hooked_from_hf(hf: Any, tokenizer: Any, name: str, keep_hf: bool = True) -> 
     # One load_state_dict call: with nothing to fold, TransformerLens' load_and_process_state_dict
     # only fills missing keys and then copies key by key, each copy walking the module tree (~8 s).
     model.load_state_dict(model.fill_missing_keys(state), strict=True)
-    model.to(hf.device)  # built on the CPU (move_to_device=False); the weights follow the HF model
+    model.to(hf.device, print_details=False)  # built on the CPU (move_to_device=False); follow the HF model
     # TransformerLens would re-load the tokenizer with add_bos_token=True (from the hub for a
     # hub name); keep the exact tokenizer, chat template included.
     if tokenizer.pad_token is None:
