@@ -69,6 +69,24 @@ def cmd_corpus_validate(args: argparse.Namespace) -> None:
     _print({"path": str(path), "valid": True, **validate_corpus(path)})
 
 
+def cmd_corpus_audit(args: argparse.Namespace) -> None:
+    from .audit import audit_corpus
+    from .corpus import DEFAULT_CORPUS, load_corpus
+
+    path = args.corpus or DEFAULT_CORPUS
+    result = audit_corpus(load_corpus(path))
+    _print({"path": str(path), **result.metrics(), "chance_top1": 1 / result.n_classes, "n_train": result.n_train,
+            "hardest": [n for n, _ in sorted(result.per_emotion.items(), key=lambda kv: kv[1]["auroc"])[:5]],
+            "easiest": [n for n, _ in sorted(result.per_emotion.items(), key=lambda kv: -kv[1]["auroc"])[:5]]})
+
+
+def cmd_corpus_import(args: argparse.Namespace) -> None:
+    from .corpus_import import import_corpus
+
+    report = import_corpus(args.src, args.out, model_id=args.model_id, drop_unknown=args.drop_unknown)
+    _print(report.to_dict())
+
+
 def cmd_sae_train(args: argparse.Namespace) -> None:
     from .sae_training import export_sae, train_sae
 
@@ -229,6 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "stats":
             s.add_argument("--skip-corrupt", action="store_true")
         s.set_defaults(func=func)
+    au = csub.add_parser("audit", help="model-free check: a bag-of-words classifier, train topics -> test topics")
+    au.add_argument("--corpus", help="corpus JSONL(.gz); default: the shipped corpus")
+    au.set_defaults(func=cmd_corpus_audit)
+    im = csub.add_parser("import", help="write an external story set (emotion/topic/text JSONL) as a corpus")
+    im.add_argument("src", help="a JSONL(.gz) story file or a directory of them (e.g. emotion-vector-bench/stories)")
+    im.add_argument("--out", required=True, help="corpus file to write (.jsonl or .jsonl.gz)")
+    im.add_argument("--model-id", default="unknown", help="the model that wrote the stories (recorded per record)")
+    im.add_argument("--drop-unknown", action="store_true",
+                    help="leave out stories of emotions outside the paper's 171 instead of failing")
+    im.set_defaults(func=cmd_corpus_import)
 
     sae = sub.add_parser("sae", help="train, evaluate and inspect the SAE at the studied layer")
     ssub = sae.add_subparsers(dest="sae_command", required=True)

@@ -1,8 +1,8 @@
 """`saefeatures run`: the whole study as a chain of cached stages over one run directory.
 
-model -> corpus -> SAE -> latent scores (whose forward pass also pools the train split) ->
+model -> corpus (and its model-free audit) -> SAE -> latent scores (whose forward pass also pools the train split) ->
 activations (the rest) -> dense directions -> SAE directions -> evaluations (geometry, detection,
-EmoBank) -> feature cards -> probes and monitor -> steering -> report. Each stage writes its artifacts to the run directory; a rerun skips stages whose inputs
+EmoBank; the reader test of an external story set) -> feature cards -> probes and monitor -> steering -> report. Each stage writes its artifacts to the run directory; a rerun skips stages whose inputs
 did not change, and an interrupted one resumes.
 """
 
@@ -21,10 +21,12 @@ import torch
 
 from . import config as config_mod
 from .activations import PooledActivations, PooledStore, collect_pooled, hook_name, pooling_meta
+from .audit import AuditConfig, audit_corpus
 from .config import RunConfig
 from .corpus import DEFAULT_CORPUS, corpus_stats, load_corpus
 from .directions import EmotionDirections, build_dense, build_sae
 from .evals.emobank import load_emobank
+from .evals.reader import read_stories
 from .evals.suite import DirectionReport, EvalData, evaluate_directions
 from .geometry import save_plots
 from .models import check_layer, default_layer, load_model, model_identity, resolve_dtype, sha256_file
@@ -77,6 +79,37 @@ def stage_corpus(study: Study) -> None:
     stats = corpus_stats(study.records)
     study.run.record("corpus", {"n_stories": stats["n_stories"], "n_neutral": stats["n_neutral"],
                                 "min_per_emotion": stats["min_per_emotion"], "n_emotions": stats["n_emotions"]})
+
+
+def stage_corpus_audit(study: Study) -> None:
+    """The model-free bag-of-words audit of the corpus (``corpus.bow_*``, corpus_audit.json)."""
+    cfg = AuditConfig(test_split=study.cfg.evals.split)
+    path = study.run.path / "corpus_audit.json"
+    key = key_of(study.corpus_key, config_mod.to_dict(cfg))
+    if study.run.is_done("corpus_audit", key, (path,)):
+        return
+    with study.run.stage("corpus_audit", key):
+        result = audit_corpus(study.records, cfg)
+        write_json(path, result.to_dict())
+        study.run.record("corpus", result.metrics())
+
+
+def stage_reader(study: Study, dirs_by_name: dict[str, EmotionDirections]) -> None:
+    """The reader test (``reader.<name>.*``, figures/reader.json) when ``evals.reader_path`` is set:
+    the directions read an external story set; its pooled rows are cached under activations/."""
+    ev = study.cfg.evals
+    if not ev.reader_path:
+        return
+    with study.run.stage("reader"):
+        results = read_stories(study.model, dirs_by_name, ev.reader_path, study.cfg.activations,
+                               study.run.path / "activations", ev.reader_per_emotion)
+        (study.run.path / "figures").mkdir(parents=True, exist_ok=True)
+        write_json(study.run.path / "figures" / "reader.json",
+                   {"path": ev.reader_path, **{name: r.to_dict() for name, r in results.items()}})
+        for name, r in results.items():
+            study.run.record(f"reader.{name}", r.metrics())
+            if r.skipped:
+                log.info("reader test (%s): skipped emotions the directions do not know: %s", name, r.skipped)
 
 
 def pooling(study: Study, cfg=None) -> dict:
@@ -385,6 +418,7 @@ def run_study(cfg: RunConfig, out: Path | str, config_path: str | None = None, m
 
     t0 = time.perf_counter()
     study = open_study(cfg, out, config_path, model)
+    stage_corpus_audit(study)
     tracker = Tracker(cfg.tracking, study.run.path, config_mod.to_dict(cfg), name=Path(out).name)
     with tracker:
         sae = stage_sae(study)
@@ -397,6 +431,7 @@ def run_study(cfg: RunConfig, out: Path | str, config_path: str | None = None, m
         report_directions(study, dense, data, "dense")
         sae_dirs = stage_sae_directions(study, sae, scores, dense, data)
         main = sae_dirs.get(cfg.sae_directions.main_k) or next(iter(sae_dirs.values()))
+        stage_reader(study, {"dense": dense, "sae": main})
         stage_cards(study, sae, scores, main, tracker)
         stage_probes(study, dense, main)
         stage_monitor(study, dense)

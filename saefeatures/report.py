@@ -1,8 +1,9 @@
 """One self-contained HTML report of a run, built from the artifacts in its directory.
 
 Images are inlined as base64 and nothing is fetched, so the file opens offline. Sections appear
-when their stage has run: summary and timings, corpus, layer sweep, geometry, detection (dense vs
-SAE), feature cards, probes, steering, monitor examples, SAE quality.
+when their stage has run: summary and timings, corpus and its audit, layer sweep, geometry,
+detection (dense vs SAE), the reader test, feature cards, probes, steering, monitor examples, SAE
+quality.
 
 Example:
     >>> write_report("runs/smollm2-135m")      # -> runs/smollm2-135m/report.html
@@ -25,9 +26,10 @@ th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}img{max-widt
 .note{color:#666;font-size:13px}details{margin:4px 0}summary{cursor:pointer;font-weight:600}"""
 
 SECTIONS = ("dense", "sae.k1", "sae.k4", "sae.k16", "sae.k64")
-COLS = ("top1", "top5", "auroc", "valence_r", "arousal_r", "arousal_best_r", "emobank_valence_spearman",
+COLS = ("top1", "top5", "auroc", "top1_display12", "cluster_acc", "valence_r", "arousal_r", "arousal_best_r", "emobank_valence_spearman",
         "emobank_arousal_spearman", "cosine_to_dense_median")
-TITLES = {"valence_r": "valence r (PC1)", "arousal_r": "arousal r (PC2)", "arousal_best_r": "arousal best r (PC1-4)",
+TITLES = {"top1_display12": "top-1 of 12 display", "cluster_acc": "cluster acc (10)",
+          "valence_r": "valence r (PC1)", "arousal_r": "arousal r (PC2)", "arousal_best_r": "arousal best r (PC1-4)",
           "emobank_valence_spearman": "EmoBank valence ρ", "emobank_arousal_spearman": "EmoBank arousal ρ",
           "cosine_to_dense_median": "cosine to dense (median)"}
 
@@ -87,7 +89,14 @@ def build_report(run_dir: Path | str) -> str:
     if metrics.get("timings"):
         parts.append("<h2>Timings</h2>" + _table(["stage", "seconds"], [[k.removesuffix("_s"), v] for k, v in metrics["timings"].items()]))
     if metrics.get("corpus"):
-        parts.append("<h2>Corpus</h2>" + _kv(metrics["corpus"]) + f"<p class='note'>{html.escape(str(manifest.get('corpus', '')))}</p>")
+        corpus = {k: v for k, v in metrics["corpus"].items() if not k.startswith("bow_")}
+        parts.append("<h2>Corpus</h2>" + _kv(corpus) + f"<p class='note'>{html.escape(str(manifest.get('corpus', '')))}</p>")
+    if _get(metrics, "corpus.bow_top1") is not None:
+        keys = ["bow_n_classes", "bow_n_test", "bow_top1", "bow_top5", "bow_auroc", "bow_cluster_acc"]
+        parts.append("<h3>Corpus audit (no model)</h3><p class='note'>A bag-of-words logistic regression trained on the "
+                     "train topics' stories, reading the test topics': how far the words alone tell the emotions "
+                     "apart (chance top-1: 1 / classes). Per emotion: corpus_audit.json.</p>"
+                     + _table([k.removeprefix("bow_") for k in keys], [[_get(metrics, f"corpus.{k}") for k in keys]]))
     sweep = run / "sweep.json"
     if sweep.exists():
         rows = json.loads(sweep.read_text())
@@ -105,6 +114,14 @@ def build_report(run_dir: Path | str) -> str:
         if png.exists():
             parts.append(f"<details {'open' if s == 'dense' else ''}><summary>Geometry: {s}</summary>{_img(png, s)}"
                          f"<p class='note'>Interactive version: figures/{s}/geometry.html</p></details>")
+    reader = metrics.get("reader") or {}
+    if reader:
+        keys = ["n_emotions", "n", "top1", "top3", "auroc"]
+        path = json.loads((figs / "reader.json").read_text()).get("path", "") if (figs / "reader.json").exists() else ""
+        parts.append("<h2>Reader test</h2><p class='note'>The directions reading an external story set "
+                     f"({html.escape(str(path))}): projections on the directions of the set's emotions, z-scored per "
+                     "direction over the stories, then the argmax (chance top-1: 1 / emotions).</p>"
+                     + _table(["directions", *keys], [[name, *(d.get(k) for k in keys)] for name, d in reader.items()]))
     det = figs / "dense" / "detection.json"
     if det.exists():
         per = json.loads(det.read_text())["per_emotion"]

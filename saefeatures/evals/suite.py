@@ -28,6 +28,11 @@ class EvalConfig:
     """emobank.csv to read; None: the shipped copy."""
     emobank_limit: int | None = 3000
     """Sentences used (a fixed random subset); None: all ~10k."""
+    reader_path: str | None = None
+    """An external story set in the paper's format (JSONL(.gz) file or directory of them, e.g.
+    emotion-vector-bench's stories/) for the reader test; None: no reader test."""
+    reader_per_emotion: int | None = 25
+    """Stories of each emotion the reader test reads, spread over topics; None: all."""
 
 
 @dataclass
