@@ -39,13 +39,18 @@ def main() -> None:
     p.add_argument("--work", default="runs/bench-reader", help="cache of pooled activations and directions")
     p.add_argument("--per-emotion", type=int, help="stories of each emotion read (default: all)")
     p.add_argument("--directions", help="dense directions to read with (default: built from the shipped corpus)")
+    p.add_argument("--train-per-emotion", type=int,
+                   help="train stories of each emotion the shipped directions are built from (default: all, ~16)")
+    p.add_argument("--neutral", type=int, help="neutral train texts used (default: all, 460)")
     args = p.parse_args()
     cfg = load_config(args.config)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     print(f"command: python scripts/bench_reader.py --stories {args.stories} --work {args.work}"
           + (f" --per-emotion {args.per_emotion}" if args.per_emotion else "")
-          + (f" --directions {args.directions}" if args.directions else ""))
+          + (f" --directions {args.directions}" if args.directions else "")
+          + (f" --train-per-emotion {args.train_per_emotion}" if args.train_per_emotion else "")
+          + (f" --neutral {args.neutral}" if args.neutral else ""))
     print(f"torch threads: {torch.get_num_threads()}")
 
     shipped = load_corpus()
@@ -67,7 +72,13 @@ def main() -> None:
     model = load_model(cfg.model.name)
     layer, acfg = cfg.model.layer, cfg.activations
     hook = hook_name(layer, acfg.hook)
-    train = [r for r in shipped if r.split == "train"]
+    seen: dict[str, int] = {}
+    train = []
+    for r in shipped:
+        cap = args.neutral if r.emotion == "neutral" else args.train_per_emotion
+        if r.split == "train" and (cap is None or seen.get(r.emotion, 0) < cap):
+            seen[r.emotion] = seen.get(r.emotion, 0) + 1
+            train.append(r)
     neutral_ids = [r.id for r in train if r.emotion == "neutral"]
     t0 = time.perf_counter()
     pooled = collect_pooled(model, train, acfg, work / f"shipped-train-L{layer}", layers=[layer], desc="shipped train")
