@@ -1,6 +1,7 @@
 """End to end: `run_study` on a small slice of the shipped corpus with the shipped SAE."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +10,7 @@ from saefeatures.corpus import load_corpus
 from saefeatures.directions import EmotionDirections
 from saefeatures.pipeline import run_study
 
+BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "emotion-vector-bench" / "stories"
 EMOTIONS = ("happy", "sad", "afraid", "calm", "angry", "grateful", "bored", "proud", "desperate", "excited")
 
 
@@ -24,7 +26,7 @@ def small_run(model, tmp_path_factory):
         "corpus": {"path": str(corpus)},
         "activations": {"layers": [12]},  # a two-layer sweep
         "scoring": {"warmup_records": 32},
-        "evals": {"emobank_limit": 150},
+        "evals": {"emobank_limit": 150, "reader_path": str(BENCH), "reader_per_emotion": 3},
         "sae": {"eval": {"max_tokens": 2048, "ce_tokens": 512}},
         "sae_directions": {"recipe": {"ks": [1, 4]}, "main_k": 4, "output_candidates": 4,
                            "cards_per_emotion": 1, "card_snippets": 2},
@@ -52,6 +54,15 @@ def test_run_writes_manifest_metrics_report_and_directions(small_run):
                     "emobank_valence_spearman", "emobank_arousal_spearman"):
             assert isinstance(d[key], float), (section, key)
     assert isinstance(metrics["sae"]["k4"]["cosine_to_dense_median"], float)
+    for key in ("bow_top1", "bow_top5", "bow_auroc", "bow_cluster_acc"):
+        assert 0.0 <= metrics["corpus"][key] <= 1.0, key
+    for d in (metrics["dense"], metrics["sae"]["k1"]):
+        assert 0.0 <= d["top1_display12"] <= 1.0 and d["cluster_acc"] >= d["top1"]
+    for name in ("dense", "sae"):  # of the bench's emotions, the run knows proud and desperate
+        reader = metrics["reader"][name]
+        assert reader["n_emotions"] == 2.0 and reader["n"] == 6.0, reader
+        assert all(isinstance(reader[k], float) for k in ("top1", "top3", "auroc"))
+    assert json.loads((out / "figures" / "reader.json").read_text())["dense"]["skipped"][0] == "anxious"
     for key in ("explained_variance", "l0", "dead_fraction", "ce_loss_recovered"):
         assert isinstance(metrics["sae"][key], float)
     for key in ("tylenol_afraid_spearman", "tylenol_calm_spearman", "tylenol_afraid_spearman_minus_control",
@@ -78,7 +89,7 @@ def test_report_has_every_section(small_run):
     _, out, _ = small_run
     html = (out / "report.html").read_text()
     for heading in ("Timings", "Corpus", "Layer sweep", "Emotion directions: dense vs SAE-assembled", "Feature cards",
-                    "Context probes", "Steering", "Monitor examples", "SAE quality (held-out text)"):
+                    "Context probes", "Steering", "Monitor examples", "SAE quality (held-out text)", "Reader test"):
         assert f"<h2>{heading}</h2>" in html, heading
     assert "data:image/png;base64," in html and "http://" not in html.replace("http://www.w3.org", "")
 
@@ -88,7 +99,7 @@ def test_rerun_skips_finished_stages(small_run, model):
     before = json.loads((out / "manifest.json").read_text())["stages"]
     run = run_study(cfg, out, model=model)
     after = run.manifest["stages"]
-    for stage in ("scoring", "steering", "output_scores"):
+    for stage in ("scoring", "steering", "output_scores", "corpus_audit"):
         assert after[stage] == before[stage], stage  # not recomputed: same key, same recorded time
 
 
