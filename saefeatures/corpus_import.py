@@ -185,7 +185,7 @@ def to_records(stories: list[Story], model_id: str, source: str, drop_unknown: b
         by_topic = assign_splits([s.topic for s in kept], fractions)
         splits_of, splits_from = {s.id: by_topic[s.topic] for s in kept}, "topics"
     records = [CorpusRecord(
-        id=s.id, emotion=s.emotion, topic=s.topic, kind="neutral" if s.emotion == "neutral" else "story",
+        id=s.id, emotion=s.emotion, topic=s.topic, kind=s.emotion if s.emotion in NON_EMOTION else "story",
         split=splits_of[s.id], prompt="", text=s.text, model_id=model_id, seed=0,
         generation={"imported_from": source, **dict(s.extra)}, batch="import") for s in kept]
     try:

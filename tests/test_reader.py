@@ -85,7 +85,7 @@ def test_read_stories_with_the_model(model, tmp_path):
     shuffled = build_dense(acts, list(np.random.default_rng(0).permutation(labels)), acts[:0], 20)
     res = read_stories(model, {"dense": dirs, "shuffled": shuffled}, tmp_path / "held.jsonl", cfg, tmp_path / "cache")
     assert res["dense"].skipped == ["hopeless"] and res["dense"].n == 3 * 5 * 2
-    assert res["dense"].top1 > 0.8 and res["dense"].auroc > 0.9, res["dense"].metrics()
+    assert res["dense"].top1 > 0.7 and res["dense"].auroc > 0.85, res["dense"].metrics()  # measured 0.90, 0.93
     assert res["shuffled"].auroc < 0.75, res["shuffled"].metrics()
     shards = list((tmp_path / "cache").rglob("shard-*.safetensors"))
     assert len(shards) == 1
