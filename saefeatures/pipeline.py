@@ -1,9 +1,10 @@
 """`saefeatures run`: the whole study as a chain of cached stages over one run directory.
 
-model -> corpus (and its model-free audit) -> SAE -> latent scores (whose forward pass also pools the train split) ->
-activations (the rest) -> dense directions -> SAE directions -> evaluations (geometry, detection,
-EmoBank; the reader test of an external story set) -> feature cards -> probes and monitor -> steering -> report. Each stage writes its artifacts to the run directory; a rerun skips stages whose inputs
-did not change, and an interrupted one resumes.
+model -> corpus (and its model-free audit) -> SAE -> latent scores (whose forward pass also pools
+the train split) -> activations (the rest) -> dense directions -> SAE directions -> evaluations
+(geometry, detection, EmoBank; the reader test of an external story set) -> feature cards ->
+probes and monitor -> steering -> report. Each stage writes its artifacts to the run directory; a
+rerun skips stages whose inputs did not change, and an interrupted one resumes.
 """
 
 from __future__ import annotations
