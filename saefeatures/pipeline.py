@@ -25,6 +25,7 @@ from .activations import PooledActivations, PooledStore, collect_pooled, hook_na
 from .audit import AuditConfig, audit_corpus
 from .config import RunConfig
 from .corpus import DEFAULT_CORPUS, corpus_stats, load_corpus
+from .corpus_import import read_story_set
 from .directions import EmotionDirections, build_dense, build_sae
 from .evals.emobank import load_emobank
 from .evals.reader import read_stories
@@ -418,6 +419,8 @@ def run_study(cfg: RunConfig, out: Path | str, config_path: str | None = None, m
     from .report import write_report
 
     t0 = time.perf_counter()
+    if cfg.evals.reader_path:
+        read_story_set(cfg.evals.reader_path)  # a bad story set fails now, not after the scoring pass
     study = open_study(cfg, out, config_path, model)
     stage_corpus_audit(study)
     tracker = Tracker(cfg.tracking, study.run.path, config_mod.to_dict(cfg), name=Path(out).name)

@@ -118,3 +118,13 @@ def test_import_emotion_vector_bench(tmp_path):
     assert report.stats["n_emotions"] == 19 and report.n_records == 19 * 75
     assert set(report.stats["splits"]) == {"train", "val", "test"}
     assert story_set_key(BENCH) == story_set_key(BENCH) != story_set_key(BENCH / "proud.jsonl")
+
+
+def test_run_rejects_a_bad_reader_path_before_loading_anything(tmp_path):
+    from saefeatures.config import RunConfig, from_dict
+    from saefeatures.pipeline import run_study
+
+    cfg = from_dict(RunConfig, {"evals": {"reader_path": str(tmp_path / "missing")}})
+    with pytest.raises(StorySetError, match="Story set not found"):
+        run_study(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
