@@ -14,6 +14,32 @@ THREADS = max(1, min(4, os.cpu_count() or 1))
 torch.set_num_threads(THREADS)
 BASELINE: dict[str, object] = {}
 """`model_state` of the shared model as loaded (see `no_state_leaks`)."""
+LIBRARY_CACHES = ("_saefeatures_resid_norms",)
+"""Caches the library keeps on a model (`steering.residual_norm`): emptied after each test, so no
+test reads a value another computed."""
+DTYPE_QUERIES: list[str] = []
+"""Each time the test now running (its fixtures included) asked whether bf16 is fast."""
+
+
+def pytest_configure(config):
+    """Count the questions `bf16_is_fast` answers (each goes through `bf16_switch`), so that
+    `dtype_tests_are_marked` can tell which tests depend on the compute dtype 'auto' resolves to."""
+    from saefeatures import models
+
+    config.addinivalue_line("markers", "dtype: depends on the compute dtype that 'auto' resolves to "
+                            "(bf16_is_fast); make test reruns these with SAEFEATURES_BF16 flipped")
+    switch, session_value = models.bf16_switch, os.environ.get(models.BF16_ENV)
+
+    def counted():
+        if os.environ.get(models.BF16_ENV) == session_value:  # a test that sets the switch chose its path
+            DTYPE_QUERIES.append(os.environ.get("PYTEST_CURRENT_TEST", ""))
+        return switch()
+
+    models.bf16_switch = counted
+
+
+def pytest_runtest_setup(item):
+    DTYPE_QUERIES.clear()  # before the test's fixtures, module ones included, are set up
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +55,16 @@ def model():
 @pytest.fixture(scope="session")
 def tokenizer(model):
     return model.tokenizer
+
+
+def dtype_tolerance(dtype: str | torch.dtype, abs_float32: float, rel_float32: float = 0.0) -> dict[str, float]:
+    """`pytest.approx` tolerances for a value computed in ``dtype``, compared with the same
+    computation in other batch shapes: float32 as given; bfloat16 (8 significant bits, rounded at
+    every matmul of a forward pass, so a different batch shape changes the rounding) within 3% of
+    the value, and 0.1 near zero."""
+    if str(dtype).removeprefix("torch.") == "bfloat16":
+        return {"rel": 3e-2, "abs": max(abs_float32, 0.1)}
+    return {"rel": rel_float32, "abs": abs_float32}
 
 
 def make_random_sae(d_in: int = 576, d_sae: int = 64, hook: str = "blocks.6.hook_resid_post", seed: int = 0):
@@ -144,11 +180,14 @@ def no_state_leaks(request):
     """Fail the test that leaves the shared model (or torch's global numerics) other than it was
     loaded: a changed dtype, weight, attribute, cache or mode would change every later test
     (issue 13: tests passed alone and failed after others). Compared with the state at load, so
-    a module fixture that changed it is caught at the first test using it; the state is restored."""
+    a module fixture that changed it is caught at the first test using it; the state is restored.
+    `LIBRARY_CACHES` are emptied instead."""
     yield
     if "model" not in request.fixturenames:
         return
     model = request.getfixturevalue("model")
+    for cache in LIBRARY_CACHES:  # emptied, not failed: filling them is their job
+        vars(model).pop(cache, None)
     changed = state_changes(BASELINE, model_state(model))
     if changed:
         restore_model(model)
@@ -169,8 +208,20 @@ def restore_model(model) -> None:
             delattr(mine, k)
         mine.to(next(theirs.parameters()).dtype).load_state_dict(theirs.state_dict())
         mine.eval()
-    model.cfg = fresh.cfg
-    model.tokenizer = fresh.tokenizer
+    vars(model.cfg).update(vars(fresh.cfg))  # in place: tests and fixtures hold these objects
+    for attr in ("padding_side", "truncation_side", "pad_token", "chat_template"):
+        setattr(model.tokenizer, attr, getattr(fresh.tokenizer, attr))
     torch.set_default_dtype(torch.float32)
     torch.set_grad_enabled(True)
     torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def dtype_tests_are_marked(request):
+    """Fail a test that (through its fixtures too) let the hardware choose the compute dtype but is
+    not marked ``dtype``: `make test` reruns only marked tests with the bf16 path forced, so an
+    unmarked one would never be tested on the other path."""
+    yield
+    if DTYPE_QUERIES and request.node.get_closest_marker("dtype") is None:
+        pytest.fail("this test depends on the dtype 'auto' resolves to (it asked bf16_is_fast): "
+                    "mark it @pytest.mark.dtype so that make test also runs it with SAEFEATURES_BF16 flipped")
