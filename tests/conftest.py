@@ -223,5 +223,6 @@ def dtype_tests_are_marked(request):
     unmarked one would never be tested on the other path."""
     yield
     if DTYPE_QUERIES and request.node.get_closest_marker("dtype") is None:
-        pytest.fail("this test depends on the dtype 'auto' resolves to (it asked bf16_is_fast): "
-                    "mark it @pytest.mark.dtype so that make test also runs it with SAEFEATURES_BF16 flipped")
+        pytest.fail(f"this test depends on the dtype 'auto' resolves to (bf16_is_fast was asked in "
+                    f"{DTYPE_QUERIES[0]!r}): mark it @pytest.mark.dtype so that make test also runs it "
+                    "with SAEFEATURES_BF16 flipped")
