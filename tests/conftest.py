@@ -18,7 +18,9 @@ LIBRARY_CACHES = ("_saefeatures_resid_norms",)
 """Caches the library keeps on a model (`steering.residual_norm`): emptied after each test, so no
 test reads a value another computed."""
 DTYPE_QUERIES: list[str] = []
-"""Each time the test now running (its fixtures included) asked whether bf16 is fast."""
+"""Each time the test now running (its fixtures included) asked whether bf16 is fast, unless it had
+set the switch itself (`bf16_env`, recorded in PINNED) to a value that decides the answer."""
+PINNED: list[str | None] = []
 
 
 def pytest_configure(config):
@@ -28,18 +30,35 @@ def pytest_configure(config):
 
     config.addinivalue_line("markers", "dtype: depends on the compute dtype that 'auto' resolves to "
                             "(bf16_is_fast); make test reruns these with SAEFEATURES_BF16 flipped")
-    switch, session_value = models.bf16_switch, os.environ.get(models.BF16_ENV)
+    switch = models.bf16_switch
 
     def counted():
-        if os.environ.get(models.BF16_ENV) == session_value:  # a test that sets the switch chose its path
+        value = switch()
+        if value is None or not PINNED:  # a test that set the switch (bf16_env) chose its path
             DTYPE_QUERIES.append(os.environ.get("PYTEST_CURRENT_TEST", ""))
-        return switch()
+        return value
 
     models.bf16_switch = counted
 
 
 def pytest_runtest_setup(item):
     DTYPE_QUERIES.clear()  # before the test's fixtures, module ones included, are set up
+    PINNED.clear()
+
+
+@pytest.fixture
+def bf16_env(monkeypatch):
+    """Set ``$SAEFEATURES_BF16`` for this test: ``bf16_env("1")``, ``bf16_env(None)`` to unset it."""
+    from saefeatures.models import BF16_ENV
+
+    def pin(value: str | None) -> None:
+        PINNED.append(value)
+        if value is None:
+            monkeypatch.delenv(BF16_ENV, raising=False)
+        else:
+            monkeypatch.setenv(BF16_ENV, value)
+
+    return pin
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +141,8 @@ def model_state(model) -> dict[str, object]:
                 for name, t in [*module.named_parameters(), *module.named_buffers()]}
 
     def attrs(obj) -> dict[str, int]:
-        return {k: id(v) for k, v in vars(obj).items() if not k.startswith("_") or k.startswith("_saefeatures")}
+        return {k: id(v) for k, v in vars(obj).items()
+                if k != "training" and (not k.startswith("_") or k.startswith("_saefeatures"))}
 
     tok = model.tokenizer
     state: dict[str, object] = {

@@ -6,7 +6,6 @@ import torch
 
 from saefeatures.config import RunConfig
 from saefeatures.machine import WATCHED_FLAGS, cpu_name_and_flags, machine_info, stage_dtypes
-from saefeatures.models import BF16_ENV
 
 CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -28,8 +27,8 @@ def test_cpu_name_and_flags_from_cpuinfo(tmp_path):
 
 
 @pytest.mark.dtype  # unset, the switch leaves bf16_is_fast to the hardware
-def test_machine_info_keys_types_and_the_switch(monkeypatch):
-    monkeypatch.setenv(BF16_ENV, "1")
+def test_machine_info_keys_types_and_the_switch(bf16_env):
+    bf16_env("1")
     info = machine_info("cpu", {"activations": "bfloat16"})
     assert set(info) == {"cpu", "cpu_flags", "torch_cpu_capability", "cpu_count", "torch_threads", "device",
                          "cuda_device", "bf16_switch", "bf16_is_fast", "dtypes"}
@@ -39,15 +38,15 @@ def test_machine_info_keys_types_and_the_switch(monkeypatch):
     assert info["device"] == "cpu" and info["cuda_device"] is None
     assert info["bf16_switch"] == "1" and info["bf16_is_fast"] is True
     assert info["dtypes"] == {"activations": "bfloat16"}
-    monkeypatch.setenv(BF16_ENV, "0")
+    bf16_env("0")
     assert machine_info()["bf16_switch"] == "0" and machine_info()["bf16_is_fast"] is False
-    monkeypatch.delenv(BF16_ENV)
+    bf16_env(None)
     assert machine_info()["bf16_switch"] is None
 
 
 @pytest.mark.parametrize("switch, auto", [("1", "bfloat16"), ("0", "float32")])
-def test_stage_dtypes_follow_the_switch(model, monkeypatch, switch, auto):
-    monkeypatch.setenv(BF16_ENV, switch)
+def test_stage_dtypes_follow_the_switch(model, bf16_env, switch, auto):
+    bf16_env(switch)
     cfg = RunConfig()
     cfg.activations.dtype = "auto"
     cfg.scoring.dtype = "float32"

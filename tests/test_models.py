@@ -166,23 +166,23 @@ def test_local_checkpoints_convert_with_matching_logits(arch, model, tmp_path):
     assert M.default_layer(ident.name, ident.n_layers) == 2
 
 
-def test_bf16_switch_forces_or_forbids_the_bf16_path(monkeypatch):
+def test_bf16_switch_forces_or_forbids_the_bf16_path(bf16_env):
     for value, fast in (("1", True), ("true", True), ("0", False), ("off", False)):
-        monkeypatch.setenv(M.BF16_ENV, value)
+        bf16_env(value)
         assert M.bf16_is_fast("cpu") is fast and M.bf16_is_fast("meta") is fast
         assert M.resolve_dtype("auto") == (torch.bfloat16 if fast else torch.float32)
         assert M.resolve_dtype("float32") == torch.float32  # an explicit dtype is never overridden
-    monkeypatch.setenv(M.BF16_ENV, "maybe")
+    bf16_env("maybe")
     with pytest.raises(ValueError, match=r"SAEFEATURES_BF16='maybe' is not a switch: set it to 1 .* 0 .* or unset"):
         M.bf16_is_fast()
 
 
 @pytest.mark.dtype
-def test_bf16_switch_unset_detects_the_hardware(monkeypatch):
-    monkeypatch.delenv(M.BF16_ENV, raising=False)
+def test_bf16_switch_unset_detects_the_hardware(bf16_env):
+    bf16_env(None)
     assert M.bf16_switch() is None
     assert M.bf16_is_fast("cpu") == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    monkeypatch.setenv(M.BF16_ENV, "")
+    bf16_env("")
     assert M.bf16_switch() is None
 
 
