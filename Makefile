@@ -25,8 +25,14 @@ setup: $(BIN)/.installed
 run: setup
 	WANDB_MODE=$${WANDB_MODE:-offline} HF_HUB_OFFLINE=1 $(BIN)/saefeatures run $(CONFIG) --out $(OUT)
 
+# The suite, then the tests marked `dtype` (those whose compute dtype 'auto' picks by hardware)
+# again on the other path: bf16 forced where the CPU lacks bf16 units (emulated, slower), forbidden
+# where it has them. Both paths are tested on every machine.
+OTHER_BF16 = $(BIN)/python -c "from saefeatures.models import bf16_is_fast; print(0 if bf16_is_fast() else 1)"
+
 test: setup
 	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	SAEFEATURES_BF16=$$($(OTHER_BF16)) WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m dtype
 
 bench: setup
 	for b in scripts/bench_*.py; do $(BIN)/python $$b || exit 1; done

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from .hf_hooks import HookNameError, parse_hook_name, run_to_hooks
 from .models import HF_TWIN_ATTR, check_layer, resolve_dtype
@@ -68,18 +68,19 @@ def with_dtype(model: HookedTransformer, dtype: str | torch.dtype) -> HookedTran
     dtype = resolve_dtype(dtype, model.cfg.device)
     if model.cfg.dtype == dtype:
         return model
-    cfg = model.cfg.to_dict()
-    cfg["dtype"] = dtype
-    from transformer_lens import HookedTransformerConfig
-
+    # A new dict: TransformerLens' to_dict() is the config's own __dict__, and writing the dtype
+    # into it turned the original's cfg.dtype to bfloat16 over float32 weights (issue 13).
+    # No random initialisation: every parameter is overwritten below (and the global RNG is left alone).
+    cfg = {**model.cfg.to_dict(), "dtype": dtype, "init_weights": False}
     copy = HookedTransformer(HookedTransformerConfig(**cfg), tokenizer=None, move_to_device=False)
     # Parameters only: buffers (rotary tables, masks) are rebuilt by the constructor in `dtype`.
-    copy.load_state_dict({k: v.to(dtype) for k, v in model.named_parameters()}, strict=False)
+    missing = copy.load_state_dict({k: v.to(dtype) for k, v in model.named_parameters()}, strict=False).missing_keys
+    assert not set(missing) & dict(copy.named_parameters()).keys(), missing
     copy.tokenizer = model.tokenizer
     for attr in ("_saefeatures_identity",):
         if hasattr(model, attr):
             object.__setattr__(copy, attr, getattr(model, attr))
-    return copy.to(model.cfg.device).eval()
+    return copy.to(model.cfg.device, print_details=False).eval()
 
 
 @dataclass

@@ -111,9 +111,31 @@ def verify_sha256(path: Path, expected: str) -> str:
     return actual
 
 
+BF16_ENV = "SAEFEATURES_BF16"
+"""Environment switch for `bf16_is_fast`: ``1`` forces it true (the bfloat16 path on any machine,
+e.g. to test it where bf16 is emulated), ``0`` forces it false; unset or empty: detect."""
+
+
+def bf16_switch() -> bool | None:
+    """The value of ``$SAEFEATURES_BF16``: True, False, or None (unset: detect the hardware)."""
+    raw = os.environ.get(BF16_ENV, "").strip().lower()
+    if raw in ("", "auto"):
+        return None
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{BF16_ENV}={raw!r} is not a switch: set it to 1 (force bfloat16), 0 (forbid it), "
+                     "or unset it (detect the hardware).")
+
+
 def bf16_is_fast(device: str | torch.device = "cpu") -> bool:
     """Whether ``device`` has bfloat16 matrix units: a CUDA GPU that supports bf16, or a CPU with
-    AVX512-BF16 or AMX. Elsewhere bf16 matmuls are emulated and ~7x slower than float32."""
+    AVX512-BF16 or AMX. Elsewhere bf16 matmuls are emulated and ~7x slower than float32.
+    ``$SAEFEATURES_BF16`` (`bf16_switch`) overrides the detection."""
+    forced = bf16_switch()
+    if forced is not None:
+        return forced
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()

@@ -31,6 +31,7 @@ from .evals.emobank import load_emobank
 from .evals.reader import read_stories
 from .evals.suite import DirectionReport, EvalData, evaluate_directions
 from .geometry import save_plots
+from .machine import machine_info, stage_dtypes
 from .models import check_layer, default_layer, load_model, model_identity, resolve_dtype, sha256_file
 from .rundir import RunDir, key_of, package_versions, write_json
 from .scoring import LatentScores, score_latents
@@ -217,6 +218,7 @@ def open_study(cfg: RunConfig, out: Path | str, config_path: str | None = None, 
     for checked in {layer, *cfg.activations.layers}:
         check_layer(model, checked)
     run.manifest["model"] = identity.to_dict()
+    run.manifest["machine"] = machine_info(model.cfg.device, stage_dtypes(cfg, model))
     run.record("model", {"id": identity.name, "layer": layer})
     with run.stage("smoke"):
         reply = smoke_reply(model, cfg.smoke_prompt)

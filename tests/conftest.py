@@ -10,7 +10,55 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+THREADS = max(1, min(4, os.cpu_count() or 1))
+torch.set_num_threads(THREADS)
+BASELINE: dict[str, object] = {}
+"""`model_state` of the shared model as loaded (see `no_state_leaks`)."""
+LIBRARY_CACHES = ("_saefeatures_resid_norms",)
+"""Caches the library keeps on a model (`steering.residual_norm`): emptied after each test, so no
+test reads a value another computed."""
+DTYPE_QUERIES: list[str] = []
+"""Each time the test now running (its fixtures included) asked whether bf16 is fast, unless it had
+set the switch itself (`bf16_env`, recorded in PINNED) to a value that decides the answer."""
+PINNED: list[str | None] = []
+
+
+def pytest_configure(config):
+    """Count the questions `bf16_is_fast` answers (each goes through `bf16_switch`), so that
+    `dtype_tests_are_marked` can tell which tests depend on the compute dtype 'auto' resolves to."""
+    from saefeatures import models
+
+    config.addinivalue_line("markers", "dtype: depends on the compute dtype that 'auto' resolves to "
+                            "(bf16_is_fast); make test reruns these with SAEFEATURES_BF16 flipped")
+    switch = models.bf16_switch
+
+    def counted():
+        value = switch()
+        if value is None or not PINNED:  # a test that set the switch (bf16_env) chose its path
+            DTYPE_QUERIES.append(os.environ.get("PYTEST_CURRENT_TEST", ""))
+        return value
+
+    models.bf16_switch = counted
+
+
+def pytest_runtest_setup(item):
+    DTYPE_QUERIES.clear()  # before the test's fixtures, module ones included, are set up
+    PINNED.clear()
+
+
+@pytest.fixture
+def bf16_env(monkeypatch):
+    """Set ``$SAEFEATURES_BF16`` for this test: ``bf16_env("1")``, ``bf16_env(None)`` to unset it."""
+    from saefeatures.models import BF16_ENV
+
+    def pin(value: str | None) -> None:
+        PINNED.append(value)
+        if value is None:
+            monkeypatch.delenv(BF16_ENV, raising=False)
+        else:
+            monkeypatch.setenv(BF16_ENV, value)
+
+    return pin
 
 
 @pytest.fixture(scope="session")
@@ -18,12 +66,24 @@ def model():
     """SmolLM2-135M-Instruct as a HookedTransformer (float32), with its HF twin kept."""
     from saefeatures.models import load_model
 
-    return load_model("smollm2-135m-instruct")
+    loaded = load_model("smollm2-135m-instruct")
+    BASELINE.update(model_state(loaded))
+    return loaded
 
 
 @pytest.fixture(scope="session")
 def tokenizer(model):
     return model.tokenizer
+
+
+def dtype_tolerance(dtype: str | torch.dtype, abs_float32: float, rel_float32: float = 0.0) -> dict[str, float]:
+    """`pytest.approx` tolerances for a value computed in ``dtype``, compared with the same
+    computation in other batch shapes: float32 as given; bfloat16 (8 significant bits, rounded at
+    every matmul of a forward pass, so a different batch shape changes the rounding) within 3% of
+    the value, and 0.1 near zero."""
+    if str(dtype).removeprefix("torch.") == "bfloat16":
+        return {"rel": 3e-2, "abs": max(abs_float32, 0.1)}
+    return {"rel": rel_float32, "abs": abs_float32}
 
 
 def make_random_sae(d_in: int = 576, d_sae: int = 64, hook: str = "blocks.6.hook_resid_post", seed: int = 0):
@@ -69,6 +129,59 @@ def hooks_left(model, sae=None) -> list[str]:
     return left
 
 
+def model_state(model) -> dict[str, object]:
+    """What a test must leave as it found on the shared model, its HF twin and its tokenizer, and in
+    torch's global numerics: parameter and buffer dtypes, storage and in-place version, configs,
+    attributes (caches the library might hang on them), train/eval mode, and autocast, grad and
+    default-dtype state. Cheap: no tensor is read."""
+    from saefeatures.models import HF_TWIN_ATTR
+
+    def tensors(module) -> dict[str, tuple]:
+        return {name: (t.dtype, str(t.device), t.data_ptr(), t._version)
+                for name, t in [*module.named_parameters(), *module.named_buffers()]}
+
+    def attrs(obj) -> dict[str, int]:
+        return {k: id(v) for k, v in vars(obj).items()
+                if k != "training" and (not k.startswith("_") or k.startswith("_saefeatures"))}
+
+    tok = model.tokenizer
+    state: dict[str, object] = {
+        "model.tensors": tensors(model), "model.cfg": repr(model.cfg.to_dict()), "model.attrs": attrs(model),
+        "model.training": [m.training for m in model.modules()],
+        "tokenizer": {a: repr(getattr(tok, a, None)) for a in (
+            "padding_side", "truncation_side", "pad_token", "bos_token", "eos_token", "add_bos_token",
+            "chat_template", "model_max_length")} | {"len": len(tok)},
+        "torch": {"default_dtype": torch.get_default_dtype(), "grad": torch.is_grad_enabled(),
+                  "inference_mode": torch.is_inference_mode_enabled(),
+                  "autocast_cpu": (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")),
+                  "matmul_precision": torch.get_float32_matmul_precision(),
+                  "deterministic": torch.are_deterministic_algorithms_enabled(),
+                  "threads": torch.get_num_threads()},
+    }
+    hf = getattr(model, HF_TWIN_ATTR, None)
+    if hf is not None:
+        state |= {"hf.tensors": tensors(hf), "hf.config": hf.config.to_json_string(use_diff=False),
+                  "hf.generation_config": repr(hf.generation_config), "hf.attrs": attrs(hf),
+                  "hf.training": [m.training for m in hf.modules()]}
+    return state
+
+
+def state_changes(before: dict, after: dict) -> list[str]:
+    """Keys of `model_state` that differ, with the first differing entry of each."""
+    out = []
+    for key in before.keys() | after.keys():
+        a, b = before.get(key), after.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+            out.append(f"{key}: {diff[0]} {a.get(diff[0])} -> {b.get(diff[0])}" + (
+                f" (+{len(diff) - 1} more)" if len(diff) > 1 else ""))
+        else:
+            out.append(key)
+    return sorted(out)
+
+
 @pytest.fixture(autouse=True)
 def no_hook_leaks(request):
     """Fail the test that leaves a hook on the shared model (it would change every later test)."""
@@ -80,3 +193,56 @@ def no_hook_leaks(request):
     if leaked:
         model.reset_hooks(including_permanent=True)
         pytest.fail(f"hooks left on the shared model: {leaked[:5]}")
+
+
+@pytest.fixture(autouse=True)
+def no_state_leaks(request):
+    """Fail the test that leaves the shared model (or torch's global numerics) other than it was
+    loaded: a changed dtype, weight, attribute, cache or mode would change every later test
+    (issue 13: tests passed alone and failed after others). Compared with the state at load, so
+    a module fixture that changed it is caught at the first test using it; the state is restored.
+    `LIBRARY_CACHES` are emptied instead."""
+    yield
+    if "model" not in request.fixturenames:
+        return
+    model = request.getfixturevalue("model")
+    for cache in LIBRARY_CACHES:  # emptied, not failed: filling them is their job
+        vars(model).pop(cache, None)
+    changed = state_changes(BASELINE, model_state(model))
+    if changed:
+        restore_model(model)
+        BASELINE.update(model_state(model))  # what the restore could not make identical (storage)
+        pytest.fail(f"the shared model's state changed: {changed[:4]}")
+
+
+def restore_model(model) -> None:
+    """Put the shared model back as loaded: weights, dtypes, modes, attributes and tokenizer
+    from a fresh load, torch's globals as conftest set them."""
+    from saefeatures.models import HF_TWIN_ATTR, load_model
+
+    fresh = load_model("smollm2-135m-instruct")
+    for mine, theirs in ((model, fresh), (getattr(model, HF_TWIN_ATTR, None), getattr(fresh, HF_TWIN_ATTR))):
+        if mine is None:
+            continue
+        for k in [k for k in vars(mine) if k.startswith("_saefeatures") and k not in vars(theirs)]:
+            delattr(mine, k)
+        mine.to(next(theirs.parameters()).dtype).load_state_dict(theirs.state_dict())
+        mine.eval()
+    vars(model.cfg).update(vars(fresh.cfg))  # in place: tests and fixtures hold these objects
+    for attr in ("padding_side", "truncation_side", "pad_token", "chat_template"):
+        setattr(model.tokenizer, attr, getattr(fresh.tokenizer, attr))
+    torch.set_default_dtype(torch.float32)
+    torch.set_grad_enabled(True)
+    torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def dtype_tests_are_marked(request):
+    """Fail a test that (through its fixtures too) let the hardware choose the compute dtype but is
+    not marked ``dtype``: `make test` reruns only marked tests with the bf16 path forced, so an
+    unmarked one would never be tested on the other path."""
+    yield
+    if DTYPE_QUERIES and request.node.get_closest_marker("dtype") is None:
+        pytest.fail(f"this test depends on the dtype 'auto' resolves to (bf16_is_fast was asked in "
+                    f"{DTYPE_QUERIES[0]!r}): mark it @pytest.mark.dtype so that make test also runs it "
+                    "with SAEFEATURES_BF16 flipped")

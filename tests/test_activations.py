@@ -78,6 +78,7 @@ def test_bfloat16_copy_is_close_and_leaves_the_model_alone(model):
     dtype_before = next(model.parameters()).dtype
     bf = with_dtype(model, "bfloat16")
     assert next(bf.parameters()).dtype == torch.bfloat16 and next(model.parameters()).dtype == dtype_before
+    assert bf.cfg.dtype == torch.bfloat16 and model.cfg.dtype == dtype_before  # issue 13: cfg was shared
     a = collect_pooled(model, RECS, ActivationConfig(dtype="float32"), layers=[6])[HOOK]
     b = collect_pooled(model, RECS, ActivationConfig(dtype="bfloat16"), layers=[6])[HOOK]
     assert ((a - b).norm(dim=1) / a.norm(dim=1)).max() < 0.05

@@ -164,3 +164,42 @@ def test_local_checkpoints_convert_with_matching_logits(arch, model, tmp_path):
         diff = (local(ids) - M.hf_twin(local)(ids).logits).abs().max().item()
     assert diff < 1e-4
     assert M.default_layer(ident.name, ident.n_layers) == 2
+
+
+def test_bf16_switch_forces_or_forbids_the_bf16_path(bf16_env):
+    for value, fast in (("1", True), ("true", True), ("0", False), ("off", False)):
+        bf16_env(value)
+        assert M.bf16_is_fast("cpu") is fast and M.bf16_is_fast("meta") is fast
+        assert M.resolve_dtype("auto") == (torch.bfloat16 if fast else torch.float32)
+        assert M.resolve_dtype("float32") == torch.float32  # an explicit dtype is never overridden
+    bf16_env("maybe")
+    with pytest.raises(ValueError, match=r"SAEFEATURES_BF16='maybe' is not a switch: set it to 1 .* 0 .* or unset"):
+        M.bf16_is_fast()
+
+
+@pytest.mark.dtype
+def test_bf16_switch_unset_detects_the_hardware(bf16_env):
+    bf16_env(None)
+    assert M.bf16_switch() is None
+    assert M.bf16_is_fast("cpu") == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    bf16_env("")
+    assert M.bf16_switch() is None
+
+
+def test_leak_check_sees_a_changed_config_attribute_and_mode(model):
+    """conftest's no_state_leaks must see what issue 13's with_dtype did (cfg.dtype written on the
+    shared model), a new attribute, and a module left in training mode."""
+    from conftest import model_state, state_changes
+
+    before, dtype, hf = model_state(model), model.cfg.dtype, M.hf_twin(model)
+    try:
+        model.cfg.dtype = torch.bfloat16
+        object.__setattr__(model, "_saefeatures_probe", 1)
+        hf.train()
+        changed = state_changes(before, model_state(model))
+    finally:
+        model.cfg.dtype = dtype
+        del model._saefeatures_probe
+        hf.eval()
+    assert [c.split(":")[0] for c in changed] == ["hf.training", "model.attrs", "model.cfg"], changed
+    assert state_changes(before, model_state(model)) == []

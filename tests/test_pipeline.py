@@ -1,16 +1,21 @@
 """End to end: `run_study` on a small slice of the shipped corpus with the shipped SAE."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+from conftest import dtype_tolerance
 
 from saefeatures.config import RunConfig, from_dict
 from saefeatures.corpus import load_corpus
 from saefeatures.directions import EmotionDirections
+from saefeatures.models import BF16_ENV, bf16_is_fast
 from saefeatures.pipeline import run_study
 
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "emotion-vector-bench" / "stories"
+pytestmark = pytest.mark.dtype  # activations and scoring run in the dtype 'auto' resolves to
+
 EMOTIONS = ("happy", "sad", "afraid", "calm", "angry", "grateful", "bored", "proud", "desperate", "excited")
 
 
@@ -74,6 +79,11 @@ def test_run_writes_manifest_metrics_report_and_directions(small_run):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["sha256"] and manifest["packages"]["transformer-lens"].startswith("3.")
     assert manifest["smoke"]["reply"]
+    machine = manifest["machine"]
+    auto = "bfloat16" if bf16_is_fast() else "float32"
+    assert machine["dtypes"] == {"model": "float32", "activations": auto, "scoring": auto, "sae": "float32"}
+    assert machine["bf16_switch"] == os.environ.get(BF16_ENV) and machine["bf16_is_fast"] == (auto == "bfloat16")
+    assert machine["cpu"] and isinstance(machine["cpu_flags"], list) and machine["torch_threads"] >= 1
     dense = EmotionDirections.load(out / "directions" / "dense")
     sae = EmotionDirections.load(out / "directions" / "sae")
     assert dense.layer == sae.layer == 20 and len(dense.names) == len(EMOTIONS)
@@ -108,25 +118,28 @@ def test_card_snippets_are_the_peak_window_of_the_whole_record(small_run, model)
     latent's peak over the whole record, as a fresh forward pass of that record gives it."""
     import torch
 
-    from saefeatures.activations import forward_hooks, tokenize_texts
+    from saefeatures.activations import forward_hooks, tokenize_texts, with_dtype
     from saefeatures.saes import load_sae
 
     cfg, out, _ = small_run
     cards = json.loads((out / "figures" / "cards.json").read_text())
     sae = load_sae(cfg.sae, model, 20)
+    dtype = json.loads((out / "manifest.json").read_text())["machine"]["dtypes"]["scoring"]
+    scorer = with_dtype(model, dtype)  # the reference forward pass in the dtype the scoring pass ran in
+    tol = dtype_tolerance(dtype, abs_float32=1e-3)
     by_id = {r.id: r for r in load_corpus(cfg.corpus.path)}
     checked = 0
     for card in cards[:4]:
         for snip in card["snippets"]:
             ids = tokenize_texts(model.tokenizer, [by_id[snip["record_id"]].text], 256)[0]
             with torch.no_grad():
-                resid = forward_hooks(model, torch.tensor([ids]), [sae.cfg.metadata.hook_name])
-                acts = sae.encode(resid[sae.cfg.metadata.hook_name])[0, :, card["latent"]]
+                resid = forward_hooks(scorer, torch.tensor([ids]), [sae.cfg.metadata.hook_name])
+                acts = sae.encode(resid[sae.cfg.metadata.hook_name].float())[0, :, card["latent"]]
             acts[0] = 0.0
             peak = int(acts.argmax())
-            assert max(snip["acts"]) == pytest.approx(float(acts[peak]), abs=1e-3)
+            assert max(snip["acts"]) == pytest.approx(float(acts[peak]), **tol)
             lo = max(1, peak - 12)
-            assert snip["acts"] == pytest.approx(acts[lo:lo + len(snip["acts"])].tolist(), abs=1e-3)
+            assert snip["acts"] == pytest.approx(acts[lo:lo + len(snip["acts"])].tolist(), **tol)
             assert "".join(snip["tokens"]) in model.tokenizer.decode(ids)
             checked += 1
     assert checked >= 4

@@ -78,6 +78,7 @@ def test_texts():
 # ---------------------------------------------------------------- training
 
 
+@pytest.mark.dtype  # the tiny SAE's activations come from the LM in bf16 autocast where bf16 is fast
 def test_training_loss_falls_and_run_is_recorded(tiny):
     _, result = tiny
     curve = result.info["loss_curve"]  # (step, mse, fraction of variance unexplained), every 10 steps
@@ -99,6 +100,7 @@ def test_training_loss_falls_and_run_is_recorded(tiny):
     assert meta["seqpos_slice"] == [2, None] and meta["exclude_special_tokens"] == [0, 1, 2]
 
 
+@pytest.mark.dtype
 def test_finished_run_is_reused(tiny, model, train_records):
     cfg, result = tiny
     t0 = time.perf_counter()
@@ -107,6 +109,7 @@ def test_finished_run_is_reused(tiny, model, train_records):
     assert again.info == result.info
 
 
+@pytest.mark.dtype
 def test_interrupted_run_resumes_from_latest_checkpoint(tiny, model, train_records, tmp_path):
     cfg, result = tiny
     run = tmp_path / "run"
@@ -147,6 +150,7 @@ def test_training_contexts_start_special_and_exclude_specials(model, train_recor
 # ---------------------------------------------------------------- save, load, splice, evaluate
 
 
+@pytest.mark.dtype
 def test_save_and_load_give_identical_outputs(tiny_sae, model, tmp_path):
     x = torch.randn(16, model.cfg.d_model) * 20
     tiny_sae.save_model(tmp_path / "copy")
@@ -158,6 +162,7 @@ def test_save_and_load_give_identical_outputs(tiny_sae, model, tmp_path):
     assert torch.allclose(shipped.W_dec, tiny_sae.W_dec, rtol=1e-2, atol=1e-3)
 
 
+@pytest.mark.dtype
 def test_splice_with_error_term_leaves_logits_unchanged(tiny_sae, model):
     tokens = model.tokenizer("She read the letter twice, then folded it and smiled out of the window.",
                              return_tensors="pt").input_ids
@@ -173,6 +178,7 @@ def test_splice_with_error_term_leaves_logits_unchanged(tiny_sae, model):
     assert not any(hp.fwd_hooks for hp in model.hook_dict.values())
 
 
+@pytest.mark.dtype
 def test_evaluate_sae_on_held_out_text(tiny_sae, model, test_texts):
     evals = evaluate_sae(tiny_sae, model, test_texts, context_size=CONTEXT,
                          config=SAEEvalConfig(max_tokens=2048, ce_tokens=512, batch_size=4))
@@ -192,6 +198,7 @@ def test_evaluate_sae_on_held_out_text(tiny_sae, model, test_texts):
 # ---------------------------------------------------------------- errors
 
 
+@pytest.mark.dtype
 def test_hook_mismatch_is_a_clear_error(tiny, model):
     with pytest.raises(SAEMismatchError, match=r"Hook mismatch.*blocks\.3\.hook_resid_post.*blocks\.20"):
         load_sae(tiny[1].sae_dir, model, layer=20)
@@ -328,6 +335,7 @@ def test_unknown_pretrained_id_is_a_clear_error():
         load_sae(("gpt2-small-res-jb", "blocks.99.hook_resid_pre"))
 
 
+@pytest.mark.dtype
 def test_sae_info_reads_without_loading(tiny):
     info = sae_info(tiny[1].sae_dir)
     assert (info["d_in"], info["d_sae"], info["k"]) == (576, 256, 8)
