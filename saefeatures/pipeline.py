@@ -89,10 +89,12 @@ def fresh_dir(path: Path) -> Path:
     return path
 
 
-def _exists(*paths: Path) -> None:
+def _exists(*paths: Path) -> bool:
+    """True, or FileNotFoundError naming the first missing file (a `RunDir.reuse` loader)."""
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"{p} is missing")
+    return True
 
 
 def smoke_reply(model, prompt: str, max_new_tokens: int = 40) -> str:
@@ -232,7 +234,8 @@ def report_directions(study: Study, dirs: EmotionDirections, data: EvalData, sec
         rep: DirectionReport = evaluate_directions(dirs, data)
         study.run.replace(section, rep.metrics)
         save_plots(rep.geometry, fresh_dir(figs), title=f"{section} directions, layer {dirs.layer}")
-        write_json(figs / "detection.json", {"metrics": rep.detection.metrics(), "per_emotion": rep.detection.per_emotion})
+        write_json(figs / "detection.json", {"metrics": rep.detection.metrics(),
+                                             "per_emotion": rep.detection.per_emotion})
         write_json(figs / "geometry.json", {"names": rep.geometry.names, "scores": rep.geometry.scores,
                                             "explained": rep.geometry.explained, "clusters": rep.geometry.clusters})
 

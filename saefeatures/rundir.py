@@ -228,16 +228,6 @@ class RunDir:
             self.recomputed.append(name)
         self.save()
 
-    def cached(self, name: str, key: str, outputs: tuple[Path, ...], build: Callable[[], None]) -> bool:
-        """Run ``build`` unless the stage is done with the same key and its outputs exist.
-        Returns True when it ran."""
-        if self.is_done(name, key, outputs):
-            self.skipped.append(name)
-            return False
-        with self.stage(name, key):
-            build()
-        return True
-
     def summary(self) -> str:
         """One line: the stages skipped and the stages recomputed in this process."""
         return (f"stages skipped (inputs unchanged): {', '.join(self.skipped) or 'none'}; "

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_second_open_fails_at_once_naming_the_holder_pid(tmp_path):
     run = RunDir.open(tmp_path / "run")
-    with pytest.raises(RunDirError, match=rf"{tmp_path / 'run'} is in use by another saefeatures run \(pid {os.getpid()}\)"):
+    held = rf"{tmp_path / 'run'} is in use by another saefeatures run \(pid {os.getpid()}\)"
+    with pytest.raises(RunDirError, match=held):
         RunDir.open(tmp_path / "run")
     run.close()
     RunDir.open(tmp_path / "run").close()  # released

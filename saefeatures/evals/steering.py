@@ -876,7 +876,8 @@ def stage_steering(study: Any, dirs_by_recipe: dict[str, EmotionDirections], sae
     figures = study.run.path / "figures" / "steering"
     neutral = [r.text for r in getattr(study, "records", []) if r.emotion == "neutral" and r.split == "train"][:32]
     key = key_of(config_mod.to_dict(cfg), model_key(study.model), neutral,
-                 {k: [d.names, d.layer, d.hook, d.vectors, d.center, d.latents] for k, d in sorted(dirs_by_recipe.items())},
+                 {k: [d.names, d.layer, d.hook, d.vectors, d.center, d.latents]
+                  for k, d in sorted(dirs_by_recipe.items())},
                  None if sae is None else [sae.cfg.metadata.hook_name, sae.cfg.d_sae, dict(sae.state_dict())])
     reused = study.run.reuse("steering", key, lambda: SteeringResult.load(results))
     if reused is not None:
