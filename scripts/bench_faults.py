@@ -1,19 +1,20 @@
 """Fault benchmark of `saefeatures run`: interruptions, a second run on one --out, unwritable and
 corrupted run directories, on a small config built in a temp dir.
 
-    python scripts/bench_faults.py [--emotions 4] [--at 0.5] [--keep DIR]
+    python scripts/bench_faults.py [--emotions 4] [--at 0.5] [--parallel] [--keep DIR [--reuse-base]]
 
 After one uninterrupted run (and a no-op rerun of it), for each long stage (the scoring pass,
 EmoBank pooling, steering) a copy of the finished run has that stage's outputs removed, so a
-rerun has exactly it left to compute: once uninterrupted (the reference), then with SIGINT and
-with SIGKILL when the stage is ``--at`` (a fraction) of its reference duration in (its start is
-read from manifest.json, which marks a stage not done when it starts), each followed by a
-rerun. Reported: which stages the rerun skipped and recomputed, whether its metrics equal the
-uninterrupted run's (timings left out; max abs difference of the numbers) and the time lost
-(interrupted run + rerun - reference). Then: a second run on the same --out while the first
-holds it (its error line); a read-only and a full --out (as root: immutable directory and a
-16 KiB tmpfs; otherwise chmod and no 'full' case); truncated artifacts (an activations shard, a
-directions file, a JSON file) in a copy of the finished run. Prints one table.
+run has exactly it left to compute; it is interrupted with SIGINT and with SIGKILL when the
+stage is ``--at`` (a fraction) of its uninterrupted duration in (its start is read from
+manifest.json, which marks a stage not done when it starts), then rerun. Reported: which stages
+the rerun skipped and recomputed, whether its metrics equal the uninterrupted run's (timings
+left out; max abs difference of the numbers) and the time lost: interrupted run + rerun -
+(no-op rerun + the stage's uninterrupted seconds). Then: a second run on the same --out while
+the first holds it (its error line); a read-only and a full --out (as root: immutable directory
+and a 16 KiB tmpfs; otherwise chmod and no 'full' case); truncated artifacts (an activations
+shard, a directions file, a JSON file) in a copy of the finished run. Prints one table.
+``--parallel`` runs the three stages' cases at once (on a shared machine, for a share of the CPU).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,16 +165,25 @@ def main() -> None:
     p.add_argument("--at", type=float, default=0.5,
                    help="signal this fraction of the stage's uninterrupted duration after it starts")
     p.add_argument("--keep", type=Path, help="work here (kept) instead of a temp dir")
+    p.add_argument("--parallel", action="store_true",
+                   help="interrupt the three stages' runs at the same time (faster, noisier times)")
+    p.add_argument("--reuse-base", action="store_true", help="with --keep: reuse its finished uninterrupted run")
     args = p.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench_faults."))
     root.mkdir(parents=True, exist_ok=True)
     print(f"python scripts/bench_faults.py --emotions {args.emotions} --at {args.at}  (work dir {root})")
-    cfg = write_config(root, args.emotions)
+    if args.reuse_base and (root / "config.yaml").is_file():
+        cfg = root / "config.yaml"
+    else:
+        cfg = write_config(root, args.emotions)
     rows: list[list] = []
 
     base_out = root / "base"
-    rc, t_base = run(cfg, base_out, root / "base.log")
-    assert rc == 0, last_error_line(root / "base.log")
+    if args.reuse_base and manifest(base_out).get("last_run"):  # from an earlier invocation
+        rc, t_base = 0, json.loads((base_out / "metrics.json").read_text())["timings"]["total_s"]
+    else:
+        rc, t_base = run(cfg, base_out, root / "base.log")
+        assert rc == 0, last_error_line(root / "base.log")
     base = metrics(base_out)
     seconds = manifest(base_out)["stages"]
     print(f"uninterrupted run: {t_base:.0f}s; stage seconds: "
@@ -185,18 +196,19 @@ def main() -> None:
     rows.append(["no-op rerun", "", rc, "", ", ".join(last["recomputed"]) or "none", len(last["skipped"]),
                  f"{max_diff(metrics(base_out), base):.1e}", f"{t_noop:.0f}s total"])
 
-    for stage in REDO:
-        # reference: the same start state, not interrupted
-        ref = prepared(base_out, root / f"{stage}-ref", stage)
-        rc, t_ref = run(cfg, ref, root / f"{stage}-ref.log")
-        last = manifest(ref).get("last_run", {})
-        rows.append([f"{stage} left to compute, uninterrupted", "", rc, "", ", ".join(last.get("recomputed", [])),
-                     len(last.get("skipped", [])), f"{max_diff(metrics(ref), base):.1e}", f"{t_ref:.0f}s total"])
-        print(rows[-1], flush=True)
-        delay = args.at * manifest(ref)["stages"][stage]["seconds"]
-        for sig in (signal.SIGINT, signal.SIGKILL):
-            rows.append(interrupted(cfg, root, base_out, stage, sig, delay, base, t_ref))
-            print(rows[-1], flush=True)
+    seconds = manifest(base_out)["stages"]
+
+    def cases(stage: str) -> list[list]:
+        # reference: the no-op rerun plus the stage's time in the uninterrupted run
+        t_ref = t_noop + seconds[stage]["seconds"]
+        return [interrupted(cfg, root, base_out, stage, sig, args.at * seconds[stage]["seconds"], base, t_ref)
+                for sig in (signal.SIGINT, signal.SIGKILL)]
+
+    # one thread per stage (``--parallel``): the cases of different stages run at once
+    with ThreadPoolExecutor(len(REDO) if args.parallel else 1) as pool:
+        for got in pool.map(cases, REDO):
+            rows += got
+            print(*got, sep="\n", flush=True)
 
     # a second run on the same --out while the first holds the lock
     out = root / "concurrent"
@@ -239,13 +251,13 @@ def main() -> None:
     out = root / "truncated"
     shutil.copytree(base_out, out)
     victims = [sorted(out.glob("activations/corpus-*/shard-*.safetensors"))[0],
-               out / "directions" / "dense" / "directions.safetensors", out / "figures" / "probes" / "probes.json"]
+               out / "directions" / "dense" / "directions.safetensors", out / "figures" / "dense" / "detection.json"]
     for v in victims:
         v.write_bytes(v.read_bytes()[: max(8, v.stat().st_size // 3)])
     rc, t = run(cfg, out, root / "truncated.log")
     named = sum(f"{v} is corrupt" in (root / "truncated.log").read_text() for v in victims)
     last = manifest(out).get("last_run", {})
-    rows.append([f"truncated: shard, directions, probes.json ({named}/3 named)", "", rc, "",
+    rows.append([f"truncated: shard, directions, detection.json ({named}/3 named)", "", rc, "",
                  ", ".join(last.get("recomputed", [])), len(last.get("skipped", [])),
                  f"{max_diff(metrics(out), base):.1e}", f"{t:.0f}s total"])
 
