@@ -51,9 +51,9 @@ def write_config(root: Path, n_emotions: int) -> Path:
         "sae": {"eval": {"max_tokens": 2048, "ce_tokens": 512}},
         "sae_directions": {"recipe": {"ks": [1, 4]}, "main_k": 4, "output_candidates": 4,
                            "cards_per_emotion": 1, "card_snippets": 2},
-        "monitor": {"calibration_texts": 8},
-        "steering": {"emotions": ["happy", "afraid"], "strengths": [0.0, 0.1, 0.2], "samples_per_prompt": 2,
-                     "max_new_tokens": 16, "preference": False,
+        "monitor": {"calibration_texts": 8, "emotions": ["afraid", "calm"]},
+        "steering": {"emotions": ["happy", "afraid"], "strengths": [0.0, 0.2], "samples_per_prompt": 1,
+                     "max_new_tokens": 12, "preference": False, "pressure": False,
                      "prompts": ["Tell me about your day.", "Describe your street."]},
         "tracking": {"wandb": False},
     }
@@ -180,7 +180,7 @@ def main() -> None:
 
     base_out = root / "base"
     if args.reuse_base and manifest(base_out).get("last_run"):  # from an earlier invocation
-        rc, t_base = 0, json.loads((base_out / "metrics.json").read_text())["timings"]["total_s"]
+        rc, t_base = 0, sum(v.get("seconds", 0.0) for v in manifest(base_out)["stages"].values())
     else:
         rc, t_base = run(cfg, base_out, root / "base.log")
         assert rc == 0, last_error_line(root / "base.log")
