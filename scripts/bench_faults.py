@@ -178,6 +178,10 @@ def main() -> None:
         cfg = write_config(root, args.emotions)
     rows: list[list] = []
 
+    def add(row: list) -> None:
+        rows.append(row)
+        print(" | ".join(str(x) for x in row), flush=True)
+
     base_out = root / "base"
     if args.reuse_base and manifest(base_out).get("last_run"):  # from an earlier invocation
         rc, t_base = 0, sum(v.get("seconds", 0.0) for v in manifest(base_out)["stages"].values())
@@ -189,26 +193,12 @@ def main() -> None:
     print(f"uninterrupted run: {t_base:.0f}s; stage seconds: "
           + ", ".join(f"{k} {v.get('seconds', 0):.0f}" for k, v in seconds.items() if v.get("seconds", 0) >= 1),
           flush=True)
-    rows.append(["uninterrupted", "", rc, "", "", "", "", f"{t_base:.0f}s total"])
+    add(["uninterrupted", "", rc, "", "", "", "", f"{t_base:.0f}s total"])
 
     rc, t_noop = run(cfg, base_out, root / "noop.log")
     last = manifest(base_out)["last_run"]
-    rows.append(["no-op rerun", "", rc, "", ", ".join(last["recomputed"]) or "none", len(last["skipped"]),
+    add(["no-op rerun", "", rc, "", ", ".join(last["recomputed"]) or "none", len(last["skipped"]),
                  f"{max_diff(metrics(base_out), base):.1e}", f"{t_noop:.0f}s total"])
-
-    seconds = manifest(base_out)["stages"]
-
-    def cases(stage: str) -> list[list]:
-        # reference: the no-op rerun plus the stage's time in the uninterrupted run
-        t_ref = t_noop + seconds[stage]["seconds"]
-        return [interrupted(cfg, root, base_out, stage, sig, args.at * seconds[stage]["seconds"], base, t_ref)
-                for sig in (signal.SIGINT, signal.SIGKILL)]
-
-    # one thread per stage (``--parallel``): the cases of different stages run at once
-    with ThreadPoolExecutor(len(REDO) if args.parallel else 1) as pool:
-        for got in pool.map(cases, REDO):
-            rows += got
-            print(*got, sep="\n", flush=True)
 
     # a second run on the same --out while the first holds the lock
     out = root / "concurrent"
@@ -218,7 +208,7 @@ def main() -> None:
     rc2, t2 = run(cfg, out, root / "concurrent-2.log")
     first.send_signal(signal.SIGKILL)
     first.wait()
-    rows.append(["second run, same --out", f"{t2:.1f}s to fail", rc2, "", last_error_line(root / "concurrent-2.log")
+    add(["second run, same --out", f"{t2:.1f}s to fail", rc2, "", last_error_line(root / "concurrent-2.log")
                  .split(": ", 1)[-1], "", "", ""])
 
     # read-only --out
@@ -226,7 +216,7 @@ def main() -> None:
     ro.mkdir()
     how = make_unwritable(ro)
     rc, t = run(cfg, ro / "run", root / "readonly.log")
-    rows.append([f"read-only --out ({how})", f"{t:.1f}s to fail", rc, "", last_error_line(root / "readonly.log")
+    add([f"read-only --out ({how})", f"{t:.1f}s to fail", rc, "", last_error_line(root / "readonly.log")
                  .split(": ", 1)[-1], "", "", ""])
     subprocess.run(["chattr", "-i", str(ro)], capture_output=True)
     ro.chmod(0o755)
@@ -239,13 +229,13 @@ def main() -> None:
         try:
             rc, t = run(cfg, full / "run", root / "full.log")
             temps = [str(q.relative_to(full)) for q in full.rglob("*.tmp")]
-            rows.append(["full --out (16 KiB tmpfs)", f"{t:.0f}s to fail", rc, "",
+            add(["full --out (16 KiB tmpfs)", f"{t:.0f}s to fail", rc, "",
                          last_error_line(root / "full.log").split(": ", 1)[-1] + f" [temp files left: {len(temps)}]",
                          "", "", ""])
         finally:
             subprocess.run(["umount", str(full)], capture_output=True)
     else:
-        rows.append(["full --out", "skipped: needs root to mount a small tmpfs", "", "", "", "", "", ""])
+        add(["full --out", "skipped: needs root to mount a small tmpfs", "", "", "", "", "", ""])
 
     # truncated artifacts in a copy of the finished run
     out = root / "truncated"
@@ -257,9 +247,23 @@ def main() -> None:
     rc, t = run(cfg, out, root / "truncated.log")
     named = sum(f"{v} is corrupt" in (root / "truncated.log").read_text() for v in victims)
     last = manifest(out).get("last_run", {})
-    rows.append([f"truncated: shard, directions, detection.json ({named}/3 named)", "", rc, "",
+    add([f"truncated: shard, directions, detection.json ({named}/3 named)", "", rc, "",
                  ", ".join(last.get("recomputed", [])), len(last.get("skipped", [])),
                  f"{max_diff(metrics(out), base):.1e}", f"{t:.0f}s total"])
+
+    seconds = manifest(base_out)["stages"]
+
+    def cases(stage: str) -> list[list]:
+        # reference: the no-op rerun plus the stage's time in the uninterrupted run
+        t_ref = t_noop + seconds[stage]["seconds"]
+        return [interrupted(cfg, root, base_out, stage, sig, args.at * seconds[stage]["seconds"], base, t_ref)
+                for sig in (signal.SIGINT, signal.SIGKILL)]
+
+    # one thread per stage (``--parallel``): the cases of different stages run at once
+    with ThreadPoolExecutor(len(REDO) if args.parallel else 1) as pool:
+        for got in pool.map(cases, REDO):
+            for row in got:
+                add(row)
 
     head = ["case", "signal at / note", "rc", "rerun rc", "rerun recomputed (or error line)", "rerun skipped",
             "max |metrics - uninterrupted|", "time lost"]
