@@ -1,7 +1,8 @@
 """Fault benchmark of `saefeatures run`: interruptions, a second run on one --out, unwritable and
 corrupted run directories, on a small config built in a temp dir.
 
-    python scripts/bench_faults.py [--emotions 4] [--at 0.5] [--parallel] [--keep DIR [--reuse-base]]
+    python scripts/bench_faults.py [--emotions 4] [--at 0.5] [--parallel] [--stages scoring,...]
+        [--keep DIR [--reuse-base [--config CFG]]]
 
 After one uninterrupted run (and a no-op rerun of it), for each long stage (the scoring pass,
 EmoBank pooling, steering) a copy of the finished run has that stage's outputs removed, so a
@@ -167,13 +168,15 @@ def main() -> None:
     p.add_argument("--keep", type=Path, help="work here (kept) instead of a temp dir")
     p.add_argument("--parallel", action="store_true",
                    help="interrupt the three stages' runs at the same time (faster, noisier times)")
+    p.add_argument("--config", type=Path, help="with --reuse-base: the config to run (default: DIR/config.yaml)")
+    p.add_argument("--stages", default=",".join(REDO), help="stages to interrupt, comma-separated")
     p.add_argument("--reuse-base", action="store_true", help="with --keep: reuse its finished uninterrupted run")
     args = p.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench_faults."))
     root.mkdir(parents=True, exist_ok=True)
     print(f"python scripts/bench_faults.py --emotions {args.emotions} --at {args.at}  (work dir {root})")
-    if args.reuse_base and (root / "config.yaml").is_file():
-        cfg = root / "config.yaml"
+    if args.reuse_base and (args.config or root / "config.yaml").is_file():
+        cfg = args.config or root / "config.yaml"
     else:
         cfg = write_config(root, args.emotions)
     rows: list[list] = []
@@ -198,7 +201,21 @@ def main() -> None:
     rc, t_noop = run(cfg, base_out, root / "noop.log")
     last = manifest(base_out)["last_run"]
     add(["no-op rerun", "", rc, "", ", ".join(last["recomputed"]) or "none", len(last["skipped"]),
-                 f"{max_diff(metrics(base_out), base):.1e}", f"{t_noop:.0f}s total"])
+         f"{max_diff(metrics(base_out), base):.1e}", f"{t_noop:.0f}s total"])
+
+    seconds = manifest(base_out)["stages"]
+
+    def cases(stage: str) -> list[list]:
+        # reference: the no-op rerun plus the stage's time in the uninterrupted run
+        t_ref = t_noop + seconds[stage]["seconds"]
+        return [interrupted(cfg, root, base_out, stage, sig, args.at * seconds[stage]["seconds"], base, t_ref)
+                for sig in (signal.SIGINT, signal.SIGKILL)]
+
+    # one thread per stage with ``--parallel`` (the cases of different stages, and the checks
+    # below, run at once); otherwise the checks below first, then the stages one by one
+    stages = args.stages.split(",")
+    pool = ThreadPoolExecutor(len(stages) if args.parallel else 1)
+    pending = [pool.submit(cases, stage) for stage in stages] if args.parallel else []
 
     # a second run on the same --out while the first holds the lock
     out = root / "concurrent"
@@ -208,16 +225,16 @@ def main() -> None:
     rc2, t2 = run(cfg, out, root / "concurrent-2.log")
     first.send_signal(signal.SIGKILL)
     first.wait()
-    add(["second run, same --out", f"{t2:.1f}s to fail", rc2, "", last_error_line(root / "concurrent-2.log")
-                 .split(": ", 1)[-1], "", "", ""])
+    add(["second run, same --out", f"{t2:.1f}s to fail", rc2, "",
+         last_error_line(root / "concurrent-2.log").split(": ", 1)[-1], "", "", ""])
 
     # read-only --out
     ro = root / "readonly"
     ro.mkdir()
     how = make_unwritable(ro)
     rc, t = run(cfg, ro / "run", root / "readonly.log")
-    add([f"read-only --out ({how})", f"{t:.1f}s to fail", rc, "", last_error_line(root / "readonly.log")
-                 .split(": ", 1)[-1], "", "", ""])
+    add([f"read-only --out ({how})", f"{t:.1f}s to fail", rc, "",
+         last_error_line(root / "readonly.log").split(": ", 1)[-1], "", "", ""])
     subprocess.run(["chattr", "-i", str(ro)], capture_output=True)
     ro.chmod(0o755)
 
@@ -230,8 +247,8 @@ def main() -> None:
             rc, t = run(cfg, full / "run", root / "full.log")
             temps = [str(q.relative_to(full)) for q in full.rglob("*.tmp")]
             add(["full --out (16 KiB tmpfs)", f"{t:.0f}s to fail", rc, "",
-                         last_error_line(root / "full.log").split(": ", 1)[-1] + f" [temp files left: {len(temps)}]",
-                         "", "", ""])
+                 last_error_line(root / "full.log").split(": ", 1)[-1] + f" [temp files left: {len(temps)}]",
+                 "", "", ""])
         finally:
             subprocess.run(["umount", str(full)], capture_output=True)
     else:
@@ -248,22 +265,15 @@ def main() -> None:
     named = sum(f"{v} is corrupt" in (root / "truncated.log").read_text() for v in victims)
     last = manifest(out).get("last_run", {})
     add([f"truncated: shard, directions, detection.json ({named}/3 named)", "", rc, "",
-                 ", ".join(last.get("recomputed", [])), len(last.get("skipped", [])),
-                 f"{max_diff(metrics(out), base):.1e}", f"{t:.0f}s total"])
+         ", ".join(last.get("recomputed", [])), len(last.get("skipped", [])),
+         f"{max_diff(metrics(out), base):.1e}", f"{t:.0f}s total"])
 
-    seconds = manifest(base_out)["stages"]
-
-    def cases(stage: str) -> list[list]:
-        # reference: the no-op rerun plus the stage's time in the uninterrupted run
-        t_ref = t_noop + seconds[stage]["seconds"]
-        return [interrupted(cfg, root, base_out, stage, sig, args.at * seconds[stage]["seconds"], base, t_ref)
-                for sig in (signal.SIGINT, signal.SIGKILL)]
-
-    # one thread per stage (``--parallel``): the cases of different stages run at once
-    with ThreadPoolExecutor(len(REDO) if args.parallel else 1) as pool:
-        for got in pool.map(cases, REDO):
-            for row in got:
-                add(row)
+    if not pending:
+        pending = [pool.submit(cases, stage) for stage in stages]
+    for job in pending:
+        for row in job.result():
+            add(row)
+    pool.shutdown()
 
     head = ["case", "signal at / note", "rc", "rerun rc", "rerun recomputed (or error line)", "rerun skipped",
             "max |metrics - uninterrupted|", "time lost"]
