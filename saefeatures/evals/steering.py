@@ -869,11 +869,15 @@ def stage_steering(study: Any, dirs_by_recipe: dict[str, EmotionDirections], sae
     from ..rundir import key_of
 
     cfg = study.cfg.steering
-    if not cfg.enabled:
-        log.info("steering: disabled in the config")
-        return None
     results = study.run.path / "steering" / "results.json"
     figures = study.run.path / "figures" / "steering"
+    if not cfg.enabled:
+        log.info("steering: disabled in the config")
+        if "steering" in study.run.metrics:  # numbers of an earlier run must not pass for this config's
+            study.run.drop("steering")
+            study.run.save()
+        shutil.rmtree(figures, ignore_errors=True)
+        return None
     neutral = [r.text for r in getattr(study, "records", []) if r.emotion == "neutral" and r.split == "train"][:32]
     key = key_of(config_mod.to_dict(cfg), model_key(study.model), neutral,
                  {k: [d.names, d.layer, d.hook, d.vectors, d.center, d.latents]
