@@ -64,9 +64,14 @@ def write_config(root: Path, n_emotions: int) -> Path:
     return path
 
 
+def _default_sigint() -> None:
+    # a shell's background job ignores SIGINT, and a Python started so never raises KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(cfg: Path, out: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "saefeatures", "run", str(cfg), "--out", str(out)], cwd=ROOT,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, preexec_fn=_default_sigint)
 
 
 def run(cfg: Path, out: Path, log: Path) -> tuple[int, float]:
