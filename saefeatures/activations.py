@@ -14,23 +14,23 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from jaxtyping import Float, Int
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from .files import CorruptArtifactError, load_safetensors, read_json, save_safetensors, write_json
 from .hf_hooks import HookNameError, parse_hook_name, run_to_hooks
-from .models import HF_TWIN_ATTR, check_layer, resolve_dtype
+from .models import HF_TWIN_ATTR, check_layer, model_identity, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -207,35 +207,56 @@ def _shard_paths(out_dir: Path) -> list[Path]:
 
 
 def _read_shards(out_dir: Path) -> PooledActivations:
+    """Every row stored in ``out_dir`` (a record stored twice: its latest row)."""
     ids: list[str] = []
     parts: dict[str, list[Tensor]] = {}
     for path in _shard_paths(out_dir):
+        t = load_safetensors(path)
         with safe_open(str(path), framework="pt") as f:
             ids += json.loads(f.metadata()["ids"])
-            for k in f.keys():
-                parts.setdefault(k, []).append(f.get_tensor(k))
-    return PooledActivations(ids, {k: torch.cat(v) for k, v in parts.items()})
+        for k, v in t.items():
+            parts.setdefault(k, []).append(v)
+    acts = {k: torch.cat(v) for k, v in parts.items()}
+    latest = list({i: n for n, i in enumerate(ids)}.items())
+    rows = torch.tensor([n for _, n in latest], dtype=torch.long)
+    return PooledActivations([i for i, _ in latest], {k: v[rows] for k, v in acts.items()})
 
 
-def pooling_meta(names: Sequence[str], cfg, dtype: torch.dtype) -> dict:
-    """What makes pooled rows comparable: hooks, compute dtype, truncation and skipped tokens
-    (``cfg``: an ActivationConfig, or any config with ``max_tokens`` and ``skip_first``)."""
-    return {"hooks": list(names), "dtype": str(dtype).removeprefix("torch."), "max_tokens": cfg.max_tokens,
-            "skip_first": cfg.skip_first}
+def text_key(text: str) -> str:
+    """What a stored row is checked against: a hash of its record's text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def model_key(model: HookedTransformer) -> dict:
+    """The model's identity as pooled rows record it (name, weights hash, shape)."""
+    m = model_identity(model)
+    return {"name": m.name, "sha256": m.sha256, "n_layers": m.n_layers, "d_model": m.d_model}
+
+
+def pooling_meta(model: HookedTransformer, names: Sequence[str], cfg) -> dict:
+    """What makes pooled rows comparable: model, hooks, compute dtype, truncation and skipped tokens
+    (``cfg``: an ActivationConfig, or any config with ``dtype``, ``max_tokens`` and ``skip_first``)."""
+    dtype = resolve_dtype(cfg.dtype, model.cfg.device)
+    return {"model": model_key(model), "hooks": list(names), "dtype": str(dtype).removeprefix("torch."),
+            "max_tokens": cfg.max_tokens, "skip_first": cfg.skip_first}
 
 
 class PooledStore:
     """Pooled rows appended as they are computed: to safetensors shards in ``out_dir`` (a shard
     of ``shard_records`` rows is the unit of resume), or kept in memory when ``out_dir`` is None.
 
-    Rows of records already stored are dropped, so any pass over the corpus (the activation
-    collector, the latent-scoring pass) can feed the same store and none is computed twice.
+    Each stored row carries a hash of its record's text: a row is reused only for a record (of
+    ``records``) with the same id and the same text, so an edited corpus is pooled afresh. Rows of
+    records already stored are dropped, so any pass over the corpus (the activation collector, the
+    latent-scoring pass) can feed the same store and none is computed twice. A truncated or
+    unreadable shard is named in the log, deleted and its rows recomputed.
     """
 
-    def __init__(self, out_dir: Path | str | None, meta: dict, shard_records: int = 1024):
+    def __init__(self, out_dir: Path | str | None, meta: dict, shard_records: int = 1024, *, records: Sequence):
         self.out = Path(out_dir) if out_dir is not None else None
         self.names: list[str] = meta["hooks"]
         self.shard_records = shard_records
+        self.text_keys = {r.id: text_key(r.text) for r in records}
         self.done: set[str] = set()
         self.shard_index = 0
         self._buf_ids: list[str] = []
@@ -246,12 +267,18 @@ class PooledStore:
             self.out.mkdir(parents=True, exist_ok=True)
             _check_meta(self.out, meta)
             for path in _shard_paths(self.out):
-                with safe_open(str(path), framework="pt") as f:
-                    self.done.update(json.loads(f.metadata()["ids"]))
-                    missing = set(self.names) - set(f.keys())
+                self.shard_index = max(self.shard_index, int(path.stem.split("-")[1]) + 1)
+                try:
+                    with safe_open(str(path), framework="pt") as f:
+                        ids, keys = _shard_rows(f.metadata())
+                        missing = set(self.names) - set(f.keys())
+                except (SafetensorError, ValueError, KeyError) as e:
+                    log.warning("%s is corrupt (%s); deleting it and recomputing its rows", path, e)
+                    path.unlink()
+                    continue
                 if missing:
                     raise ValueError(f"{path} lacks {sorted(missing)}; delete {self.out} to recollect.")
-                self.shard_index += 1
+                self.done.update(i for i, k in zip(ids, keys) if self.text_keys.get(i) == k)
 
     def add(self, ids: Sequence[str], pooled: dict[str, Tensor]) -> None:
         """Append the rows of ``ids`` not stored yet; a full buffer is written as a shard."""
@@ -272,11 +299,9 @@ class PooledStore:
             return
         acts = {n: torch.cat(v) for n, v in self._buf.items()}
         if self.out is not None:
-            path = self.out / f"shard-{self.shard_index:05d}.safetensors"
-            tmp = path.with_suffix(".tmp")
-            save_file({k: v.contiguous() for k, v in acts.items()}, str(tmp),
-                      metadata={"ids": json.dumps(self._buf_ids)})
-            os.replace(tmp, path)
+            keys = [self.text_keys.get(i, "") for i in self._buf_ids]
+            save_safetensors(self.out / f"shard-{self.shard_index:05d}.safetensors", acts,
+                             metadata={"ids": json.dumps(self._buf_ids), "text_keys": json.dumps(keys)})
             self.shard_index += 1
         else:
             self._mem_ids.extend(self._buf_ids)
@@ -285,12 +310,35 @@ class PooledStore:
         self._buf_ids, self._buf = [], {n: [] for n in self.names}
 
     def read(self, ids: Sequence[str]) -> PooledActivations:
-        """The stored rows of ``ids``, in that order (after a `flush`)."""
-        if self.out is not None:
-            pooled = _read_shards(self.out)
-        else:
-            pooled = PooledActivations(self._mem_ids, {n: torch.cat(v) for n, v in self._mem.items()})
-        return pooled.subset(ids)
+        """The stored rows of ``ids`` whose text matches, in that order (after a `flush`); a record
+        without such a row raises KeyError."""
+        if self.out is None:
+            return PooledActivations(self._mem_ids, {n: torch.cat(v) for n, v in self._mem.items()}).subset(ids)
+        want = {i: self.text_keys.get(i) for i in ids}
+        found: dict[str, tuple[int, int]] = {}
+        shards: list[dict[str, Tensor]] = []
+        for path in _shard_paths(self.out):
+            with safe_open(str(path), framework="pt") as f:
+                rows = _shard_rows(f.metadata())
+            hits = {i: n for n, (i, k) in enumerate(zip(*rows)) if i in want and want[i] == k}
+            if hits:
+                for i, n in hits.items():
+                    found[i] = (len(shards), n)
+                shards.append(load_safetensors(path))
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise KeyError(f"{self.out} has no current row for {len(missing)} records (e.g. {missing[:3]})")
+        return PooledActivations(list(ids), {n: torch.stack([shards[s][n][r] for s, r in (found[i] for i in ids)])
+                                             for n in self.names})
+
+
+def _shard_rows(meta: dict[str, str] | None) -> tuple[list[str], list[str]]:
+    """A shard's record ids and their text keys (shards written before text keys had none: never reused)."""
+    if not meta or "ids" not in meta:
+        raise ValueError("no record ids in its metadata")
+    ids = json.loads(meta["ids"])
+    keys = json.loads(meta["text_keys"]) if "text_keys" in meta else [""] * len(ids)
+    return ids, keys
 
 
 def collect_pooled(
@@ -304,7 +352,8 @@ def collect_pooled(
     """Pool activations of every record (objects with ``.id`` and ``.text``) at the chosen layers.
 
     With ``out_dir`` the pooled rows go to safetensors shards as they are computed and a rerun
-    resumes after the last complete shard. Memory is bounded by one shard, not the corpus.
+    resumes after the last complete shard; a record whose text changed since its row was stored is
+    pooled again. Memory is bounded by one shard, not the corpus.
     """
     layers = list(layers or cfg.layers)
     if not layers:
@@ -312,8 +361,7 @@ def collect_pooled(
     for layer in layers:
         check_layer(model, layer)
     names = [hook_name(layer, cfg.hook) for layer in layers]
-    store = PooledStore(out_dir, pooling_meta(names, cfg, resolve_dtype(cfg.dtype, model.cfg.device)),
-                        cfg.shard_records)
+    store = PooledStore(out_dir, pooling_meta(model, names, cfg), cfg.shard_records, records=records)
     todo = [r for r in records if r.id not in store.done]
     if store.done:
         log.info("%s: %d records already pooled in %s, %d to go", desc, len(store.done), out_dir, len(todo))
@@ -336,8 +384,13 @@ def _check_meta(out: Path, meta: dict) -> None:
     """Refuse to resume into a directory collected with different settings."""
     path = out / "collection.json"
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = read_json(path)
+        except CorruptArtifactError as e:
+            log.warning("%s; rewriting it", e)
+            old = meta
+            write_json(path, meta)
         if old != meta:
             raise ValueError(f"{out} was collected with {old}, not {meta}; use another directory or delete it.")
     else:
-        path.write_text(json.dumps(meta, indent=2))
+        write_json(path, meta)

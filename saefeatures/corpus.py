@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import emotions as emo
 from . import prompts
+from .files import atomic_path
 from .generation import GenerationConfig, Generator, batch_seed
 
 log = logging.getLogger(__name__)
@@ -379,10 +380,8 @@ def build_corpus(
 def compress(src: Path | str, dst: Path | str) -> Path:
     """Gzip a finished build file (atomic: written to a temp name, then renamed)."""
     src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    with open(src, "rb") as f, gzip.GzipFile(tmp, "wb", mtime=0) as g:
+    with atomic_path(dst) as tmp, open(src, "rb") as f, gzip.GzipFile(tmp, "wb", mtime=0) as g:
         g.write(f.read())
-    os.replace(tmp, dst)
     return dst
 
 

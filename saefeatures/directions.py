@@ -13,8 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +20,10 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from . import emotions as emo
+from .files import load_safetensors, read_json, save_safetensors, write_json
 
 FORMAT_VERSION = 1
 
@@ -99,15 +97,11 @@ class EmotionDirections:
         tensors = {"vectors": self.vectors.float().contiguous()}
         if self.center is not None:
             tensors["center"] = self.center.float().contiguous()
-        tmp = path / "directions.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path / "directions.safetensors")
+        save_safetensors(path / "directions.safetensors", tensors)
         meta = {"format": FORMAT_VERSION, "names": self.names, "layer": self.layer, "hook": self.hook,
                 "recipe": self.recipe, "latents": {k: [[int(i), float(w)] for i, w in v] for k, v in self.latents.items()},
                 "metadata": self.metadata}
-        tmp = path / "directions.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, path / "directions.json")
+        write_json(path / "directions.json", meta, indent=1)
         return path
 
     @classmethod
@@ -118,8 +112,8 @@ class EmotionDirections:
             if not f.is_file():
                 raise FileNotFoundError(f"{f} not found: `path` must be a directory written by EmotionDirections.save "
                                         "(e.g. RUN/directions/dense).")
-        meta = json.loads(files[0].read_text())
-        tensors = load_file(str(files[1]))
+        meta = read_json(files[0])
+        tensors = load_safetensors(files[1])
         return cls(meta["names"], meta["layer"], tensors["vectors"], meta["hook"], meta["recipe"],
                    tensors.get("center"), {k: [(int(i), float(w)) for i, w in v] for k, v in meta["latents"].items()},
                    meta.get("metadata", {}))

@@ -11,11 +11,13 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from .activations import tokenize_texts
 from .directions import EmotionDirections
+from .files import read_json
 from .latent_effects import logit_lens
 from .scoring import LatentScores
 
@@ -44,6 +46,16 @@ class FeatureCard:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def load_cards(path: Path | str) -> list[FeatureCard]:
+    """Feature cards from the JSON list `saefeatures run` writes (``figures/cards.json``)."""
+    cards = []
+    for c in read_json(path):
+        c["snippets"] = [Snippet(**s) for s in c["snippets"]]
+        c["top_emotions"] = [tuple(x) for x in c["top_emotions"]]
+        cards.append(FeatureCard(**c))
+    return cards
 
 
 def _top_maxima(scores: LatentScores, latent: int, n: int) -> list[int]:

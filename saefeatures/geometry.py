@@ -18,6 +18,7 @@ from scipy.stats import pearsonr, spearmanr
 
 from . import emotions as emo
 from .directions import EmotionDirections
+from .files import save_figure, write_text
 
 
 @dataclass
@@ -160,10 +161,10 @@ def save_plots(geo: Geometry, out_dir: Path | str, title: str = "") -> dict[str,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fig = valence_arousal_figure(geo, title)
-    fig.savefig(out / "geometry.png", dpi=110)
+    save_figure(out / "geometry.png", fig, dpi=110)
     plt.close(fig)
     js = plotly.offline.get_plotlyjs()
-    (out / "geometry.html").write_text(
+    write_text(out / "geometry.html",
         f"<html><head><meta charset='utf-8'><script>{js}</script></head><body>"
         f"{valence_arousal_html(geo, title)}</body></html>")
     return {"png": str(out / "geometry.png"), "html": str(out / "geometry.html")}

@@ -15,7 +15,7 @@ from .evals.emobank import load_emobank
 from .evals.suite import EvalData, evaluate_directions
 from .models import load_model
 from .pipeline import corpus_path
-from .rundir import write_json
+from .files import write_json
 
 log = logging.getLogger(__name__)
 

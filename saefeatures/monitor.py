@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .activations import forward_hooks, iter_batches
 from .directions import EmotionDirections
+from .files import read_json, write_json
 from .models import chat_prompt
 
 ROLES = ("system", "user", "assistant")
@@ -90,12 +91,12 @@ class Calibration:
         return (trace.projections - self.mean[idx]) / self.std[idx].clamp(min=1e-6)
 
     def save(self, path: Path | str) -> None:
-        Path(path).write_text(json.dumps({"names": self.names, "mean": self.mean.tolist(),
-                                          "std": self.std.tolist(), "n_tokens": self.n_tokens}))
+        write_json(path, {"names": self.names, "mean": self.mean.tolist(), "std": self.std.tolist(),
+                          "n_tokens": self.n_tokens}, indent=None)
 
     @classmethod
     def load(cls, path: Path | str) -> "Calibration":
-        d = json.loads(Path(path).read_text())
+        d = read_json(path)
         return cls(d["names"], torch.tensor(d["mean"]), torch.tensor(d["std"]), d["n_tokens"])
 
 

@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .feature_cards import FeatureCard, Snippet, cards_html
+from .feature_cards import cards_html, load_cards
+from .files import write_text
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1150px;margin:20px auto;padding:0 16px;color:#222}
 h1{font-size:24px}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:34px}
@@ -63,15 +64,6 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 def _kv(d: dict[str, Any]) -> str:
     return _table(["key", "value"], [[k, v] for k, v in d.items() if not isinstance(v, (dict, list))])
-
-
-def _load_cards(path: Path) -> list[FeatureCard]:
-    cards = []
-    for c in json.loads(path.read_text()):
-        c["snippets"] = [Snippet(**s) for s in c["snippets"]]
-        c["top_emotions"] = [tuple(x) for x in c["top_emotions"]]
-        cards.append(FeatureCard(**c))
-    return cards
 
 
 def build_report(run_dir: Path | str) -> str:
@@ -131,7 +123,7 @@ def build_report(run_dir: Path | str) -> str:
     cards = figs / "cards.json"
     if cards.exists():
         parts.append("<h2>Feature cards</h2><p class='note'>Top-weighted SAE latents per emotion: scores, logit-lens tokens, "
-                     "and top-activating corpus snippets (orange: activation).</p>" + cards_html(_load_cards(cards)))
+                     "and top-activating corpus snippets (orange: activation).</p>" + cards_html(load_cards(cards)))
     if metrics.get("probes"):
         parts.append("<h2>Context probes</h2>" + _img(figs / "probes" / "tylenol.png", "tylenol") + _kv(metrics["probes"]))
     if metrics.get("steering"):
@@ -170,7 +162,5 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def write_report(run_dir: Path | str) -> Path:
     path = Path(run_dir) / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(build_report(run_dir), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, build_report(run_dir))
     return path

@@ -1,45 +1,69 @@
-"""A run directory: manifest, metrics and per-stage caching, all written atomically.
+"""A run directory: lock, manifest, metrics and per-stage caching, all written atomically.
 
 ``manifest.json`` records the config, model identity, package versions and, per stage, the key
-of its inputs and its wall time; a stage whose key is unchanged and whose outputs exist is
-skipped on the next run. ``metrics.json`` is the nested metrics object of ../METRICS.md.
+of its inputs and its wall time; a stage whose key is unchanged and whose outputs load is skipped
+on the next run (`RunDir.reuse`), one whose outputs are missing or corrupt is recomputed. A stage
+that recomputes replaces its whole section of ``metrics.json`` (the nested metrics object of
+../METRICS.md), so nothing of an older config survives beside the new numbers. One process at a
+time writes a run directory: `RunDir.open` takes an exclusive lock on ``DIR/.lock`` and a second
+opener fails at once, naming the holder's pid. A finished run reopens with ``readonly=True``.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+
+from .files import CorruptArtifactError, read_json, remove_stale_temps, write_json
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("saefeatures", "torch", "transformer-lens", "sae-lens", "transformers", "numpy", "wandb")
+LOCK_FILE = ".lock"
+LOAD_ERRORS = (CorruptArtifactError, SafetensorError, FileNotFoundError, KeyError, ValueError)
+"""What loading a missing, cut-short or malformed artifact raises: the stage is recomputed."""
+
+T = TypeVar("T")
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_default))
-    os.replace(tmp, path)
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked: locked by another run, or not writable."""
 
 
-def _default(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
+def _key_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        o = o.detach().cpu()
+        if o.dtype == torch.bfloat16:
+            o = o.float()
+        o = o.contiguous().numpy()
+    if isinstance(o, np.ndarray):
+        return [str(o.dtype), list(o.shape), hashlib.sha256(np.ascontiguousarray(o).tobytes()).hexdigest()]
     if isinstance(o, Path):
         return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not hashable into a key: {type(o)}")
 
 
 def key_of(*parts: Any) -> str:
-    """A short stable hash of JSON-serialisable inputs."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=_default).encode()).hexdigest()[:16]
+    """A short stable hash of JSON-serialisable inputs; tensors and arrays by their bytes."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=_key_default).encode()).hexdigest()[:16]
 
 
 def package_versions() -> dict[str, str]:
@@ -59,6 +83,11 @@ def set_nested(d: dict[str, Any], dotted: str, value: Any) -> None:
     d[last] = value
 
 
+def _unwritable(path: Path, e: OSError) -> RunDirError:
+    return RunDirError(f"cannot write to run directory {path} ({e.strerror or e}); choose a writable --out "
+                       "with free space, or open a finished run with RunDir.open(path, readonly=True) to inspect it")
+
+
 @dataclass
 class RunDir:
     """The run directory of one study, with its manifest and metrics."""
@@ -66,22 +95,86 @@ class RunDir:
     path: Path
     manifest: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    readonly: bool = False
+    skipped: list[str] = field(default_factory=list)
+    """Stages skipped in this process (inputs unchanged, outputs load)."""
+    recomputed: list[str] = field(default_factory=list)
+    """Stages run in this process."""
+    _lock_fd: int | None = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, path: Path | str) -> "RunDir":
+    def open(cls, path: Path | str, readonly: bool = False) -> "RunDir":
+        """Open (creating) ``path`` for writing, locked against other runs; ``readonly`` opens an
+        existing run for inspection, without a lock, and refuses to save."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        run = cls(path)
+        if readonly:
+            if not (path / "manifest.json").is_file():
+                raise RunDirError(f"{path} is not a run directory (no manifest.json)")
+            run = cls(path, readonly=True)
+        else:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise _unwritable(path, e) from None
+            run = cls(path)
+            run._lock()
+            if removed := remove_stale_temps(path):
+                log.info("removed %d temp files an interrupted run left in %s", removed, path)
         for name in ("manifest", "metrics"):
             f = path / f"{name}.json"
             if f.exists():
-                setattr(run, name, json.loads(f.read_text()))
+                try:
+                    setattr(run, name, read_json(f))
+                except CorruptArtifactError as e:
+                    if readonly:
+                        raise
+                    log.warning("%s: every stage will be recomputed", e)
+                    run.manifest, run.metrics = {}, {}
+                    break
         run.manifest.setdefault("stages", {})
         return run
 
+    def _lock(self) -> None:
+        lock = self.path / LOCK_FILE
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _unwritable(self.path, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise RunDirError(f"{self.path} is in use by another saefeatures run (pid {holder}); wait for it "
+                                  "to finish, or choose another --out") from None
+            raise
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise _unwritable(self.path, e) from None
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Release the lock (also released when the process exits, however it ends)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def save(self) -> None:
-        write_json(self.path / "manifest.json", self.manifest)
+        """Write metrics, then the manifest: a stage the manifest marks done has its metrics on disk."""
+        if self.readonly:
+            raise RunDirError(f"{self.path} was opened read-only")
         write_json(self.path / "metrics.json", self.metrics)
+        write_json(self.path / "manifest.json", self.manifest)
 
     def record(self, section: str, values: dict[str, Any]) -> None:
         """Merge ``values`` into metrics under the dotted ``section`` and save."""
@@ -89,26 +182,53 @@ class RunDir:
             set_nested(self.metrics, f"{section}.{k}" if section else k, v)
         self.save()
 
+    def replace(self, section: str, values: dict[str, Any]) -> None:
+        """Set the dotted ``section`` of metrics to ``values`` (dropping what was there) and save."""
+        set_nested(self.metrics, section, {})
+        self.record(section, values)
+
+    def drop(self, section: str) -> None:
+        """Remove the dotted ``section`` from metrics (not saved until the next write)."""
+        *head, last = section.split(".")
+        d = self.metrics
+        for k in head:
+            d = d.get(k, {})
+        if isinstance(d, dict):
+            d.pop(last, None)
+
     def is_done(self, stage: str, key: str, outputs: tuple[Path, ...] = ()) -> bool:
         entry = self.manifest["stages"].get(stage, {})
         return entry.get("key") == key and entry.get("done", False) and all(p.exists() for p in outputs)
 
+    def reuse(self, stage: str, key: str, load: Callable[[], T]) -> T | None:
+        """``load()`` of the stage's outputs when it finished with this ``key``; None when it must
+        (re)run: inputs changed, never finished, or an output missing or corrupt (logged by name)."""
+        if not self.is_done(stage, key):
+            return None
+        try:
+            out = load()
+        except LOAD_ERRORS as e:
+            log.warning("%s: outputs unusable (%s: %s); recomputing", stage, type(e).__name__, e)
+            return None
+        self.skipped.append(stage)
+        return out
+
     @contextmanager
-    def stage(self, name: str, key: str = ""):
-        """Time a stage and mark it done with its input key when the block completes."""
+    def stage(self, name: str, key: str = "") -> Iterator[None]:
+        """Time a stage and mark it done with its input key when the block completes (it is marked
+        not done on disk first, so outputs half-rewritten by an interrupted stage are never trusted)."""
         t0 = time.perf_counter()
         self.manifest["stages"][name] = {"key": key, "done": False}
+        self.save()
         yield
         seconds = time.perf_counter() - t0
         self.manifest["stages"][name] = {"key": key, "done": True, "seconds": round(seconds, 2)}
         set_nested(self.metrics, f"timings.{name}_s", round(seconds, 2))
+        if key:
+            self.recomputed.append(name)
         self.save()
 
-    def cached(self, name: str, key: str, outputs: tuple[Path, ...], build: Callable[[], None]) -> bool:
-        """Run ``build`` unless the stage is done with the same key and its outputs exist.
-        Returns True when it ran."""
-        if self.is_done(name, key, outputs):
-            return False
-        with self.stage(name, key):
-            build()
-        return True
+    def summary(self) -> str:
+        """One line: the stages skipped and the stages recomputed in this process."""
+        return (f"stages skipped (inputs unchanged): {', '.join(self.skipped) or 'none'}; "
+                f"recomputed: {', '.join(self.recomputed) or 'none'}")

@@ -47,8 +47,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import ConfigError, RunConfig
+from .files import write_json
 from .models import bf16_is_fast
-from .saes import (ARCHITECTURES, CFG_FILE, WEIGHTS_FILE, SAETrainConfig, _write_json_atomic,
+from .saes import (ARCHITECTURES, CFG_FILE, WEIGHTS_FILE, SAETrainConfig,
                    pack_texts, resid_hook, special_token_ids)
 
 if TYPE_CHECKING:
@@ -269,7 +270,7 @@ def train_sae(run_cfg: RunConfig, out_dir: str | Path | None = None, model: Hook
         log.info("resuming SAE training from %s", ckpt)
     elif checkpoints.exists():
         shutil.rmtree(checkpoints)
-    _write_json_atomic(state_file, {"data_sha256": data.sha256, "layer": layer, "hook": hook})
+    write_json(state_file, {"data_sha256": data.sha256, "layer": layer, "hook": hook})
 
     exclude = special_token_ids(model.tokenizer)
     use_wandb = run_cfg.tracking.wandb and run_cfg.tracking.mode != "disabled"
@@ -346,7 +347,7 @@ def train_sae(run_cfg: RunConfig, out_dir: str | Path | None = None, model: Hook
         "loss_curve": [c for i, c in enumerate(curve) if i % 10 == 0 or i == len(curve) - 1],
         "versions": _versions(),
     }
-    _write_json_atomic(partial / "train_info.json", info)
+    write_json(partial / "train_info.json", info)
     partial.replace(final)
     log.info("SAE trained: %s (%d tokens in %.0f s)", final, trained, wall)
     return TrainResult(final, info)

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .emotions import DATA
+from .files import read_json, write_json
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -484,17 +485,11 @@ class SAEEvals:
         return asdict(self)
 
     def save(self, path: str | Path) -> None:
-        _write_json_atomic(Path(path), self.to_dict())
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> SAEEvals:
-        return cls(**json.loads(Path(path).read_text()))
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+        return cls(**read_json(path))
 
 
 def _token_store(model: HookedTransformer, sae: SAE, contexts: list[list[int]], batch: int,

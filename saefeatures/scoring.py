@@ -20,8 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 import functools
 from dataclasses import asdict, dataclass, field
@@ -30,12 +28,12 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import emotions as emo
 from .activations import PooledStore, forward_hooks, iter_batches, pool_batch, with_dtype
+from .files import load_safetensors, read_json, save_safetensors, write_json
 
 NEUTRAL = "neutral"
 
@@ -212,13 +210,9 @@ class LatentScores:
     def save(self, path: Path | str) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tmp = path / "scores.safetensors.tmp"
-        save_file({k: getattr(self, k).contiguous() for k in self._TENSORS}, str(tmp))
-        os.replace(tmp, path / "scores.safetensors")
-        tmp = path / "scores.json.tmp"
-        tmp.write_text(json.dumps({"classes": self.classes, "hook": self.hook, "record_ids": self.record_ids,
-                                   "config": self.config}))
-        os.replace(tmp, path / "scores.json")
+        save_safetensors(path / "scores.safetensors", {k: getattr(self, k) for k in self._TENSORS})
+        write_json(path / "scores.json", {"classes": self.classes, "hook": self.hook, "record_ids": self.record_ids,
+                                          "config": self.config}, indent=None)
         return path
 
     @classmethod
@@ -226,8 +220,8 @@ class LatentScores:
         path = Path(path)
         if not (path / "scores.json").is_file():
             raise FileNotFoundError(f"No latent scores in {path}; run `saefeatures score` first.")
-        meta = json.loads((path / "scores.json").read_text())
-        t = load_file(str(path / "scores.safetensors"))
+        meta = read_json(path / "scores.json")
+        t = load_safetensors(path / "scores.safetensors")
         missing = [k for k in cls._TENSORS if k not in t]
         if missing:
             raise ValueError(f"{path} lacks {missing} (written by an older saefeatures); delete it and score again "

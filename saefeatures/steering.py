@@ -41,6 +41,7 @@ from torch import Tensor
 
 from . import emotions as emo
 from .directions import EmotionDirections
+from .files import write_json
 from .hf_hooks import PositionState, parse_hook_name, tl_named_hooks
 from .rundir import key_of
 
@@ -121,7 +122,7 @@ class SteeringSpec:
 
     def save(self, path: Path | str) -> Path:
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
+        write_json(path, self.to_dict())
         return path
 
     @classmethod

@@ -55,7 +55,7 @@ def main() -> None:
         return
     from saefeatures.activations import (ActivationConfig, PooledStore, collect_pooled, pooling_meta,
                                          tokenize_texts)
-    from saefeatures.models import load_model, resolve_dtype
+    from saefeatures.models import load_model
     from saefeatures.saes import load_sae
     from saefeatures.scoring import ScoringConfig, score_latents
 
@@ -76,7 +76,7 @@ def main() -> None:
     t_score = time.perf_counter() - t0 - t_warm
     hook = sae.cfg.metadata.hook_name
     with tempfile.TemporaryDirectory() as tmp:
-        store = PooledStore(tmp, pooling_meta([hook], ActivationConfig(), resolve_dtype("auto")))
+        store = PooledStore(tmp, pooling_meta(model, [hook], ActivationConfig()), records=records)
         t0 = time.perf_counter()
         score_latents(model, sae, records, ScoringConfig(), pooled=store, scale_records=scale)
         t_fused = time.perf_counter() - t0 - t_warm

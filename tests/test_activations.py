@@ -112,6 +112,43 @@ def test_resume_after_interruption(model, tmp_path, monkeypatch):
         collect_pooled(model, RECS, ActivationConfig(dtype="bfloat16", shard_records=2), out, layers=[6])
 
 
+def _counting(monkeypatch):
+    import saefeatures.activations as A
+
+    pooled, real = [], A.forward_hooks
+    monkeypatch.setattr(A, "forward_hooks",
+                        lambda m, tokens, names: pooled.append(len(tokens)) or real(m, tokens, names))
+    return pooled
+
+
+def test_changed_text_under_the_same_id_is_pooled_again(model, tmp_path, monkeypatch):
+    cfg = ActivationConfig(dtype="float32", shard_records=2)
+    out = tmp_path / "acts"
+    collect_pooled(model, RECS, cfg, out, layers=[6])
+    edited = [RECS[0], Rec("r1", "She laughed, then locked the door and sat down in the dark."), *RECS[2:]]
+    counted = _counting(monkeypatch)
+    acts = collect_pooled(model, edited, cfg, out, layers=[6])
+    assert sum(counted) == 1  # only the edited record
+    fresh = collect_pooled(model, edited, cfg, layers=[6])
+    torch.testing.assert_close(acts[HOOK], fresh[HOOK], atol=1e-4, rtol=1e-4)
+    counted.clear()
+    again = collect_pooled(model, RECS, cfg, out, layers=[6])  # back to the original text: its row is still there
+    assert sum(counted) == 0 and not torch.allclose(again[HOOK][1], acts[HOOK][1])
+
+
+def test_truncated_shard_is_named_and_its_rows_recomputed(model, tmp_path, monkeypatch, caplog):
+    cfg = ActivationConfig(dtype="float32", shard_records=2)
+    out = tmp_path / "acts"
+    full = collect_pooled(model, RECS, cfg, out, layers=[6])
+    shard = out / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:200])
+    counted = _counting(monkeypatch)
+    acts = collect_pooled(model, RECS, cfg, out, layers=[6])
+    assert f"{shard} is corrupt" in caplog.text and sum(counted) == 2
+    torch.testing.assert_close(acts[HOOK], full[HOOK], atol=1e-4, rtol=1e-4)
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00001.safetensors", "shard-00002.safetensors"]
+
+
 def test_layer_out_of_range_and_missing_hook(model):
     with pytest.raises(ValueError, match="Layer 31 is out of range"):
         collect_pooled(model, RECS, ActivationConfig(), layers=[31])

@@ -111,6 +111,37 @@ def test_rerun_skips_finished_stages(small_run, model):
     after = run.manifest["stages"]
     for stage in ("scoring", "steering", "output_scores", "corpus_audit"):
         assert after[stage] == before[stage], stage  # not recomputed: same key, same recorded time
+    assert run.recomputed == []
+    keyed = {name for name, entry in before.items() if entry.get("key")}
+    assert set(run.skipped) == keyed and {"evals_dense", "feature_cards", "probes", "monitor", "report"} <= keyed
+    assert run.manifest["last_run"]["recomputed"] == []
+
+
+def test_rerun_recomputes_corrupt_artifacts_and_drops_old_sections(small_run, model, tmp_path, caplog):
+    """On a copy of the run: a truncated directions shard and a cut-short JSON are named and
+    recomputed; a steering emotion dropped from the config leaves metrics.json and the report."""
+    import dataclasses
+    import shutil
+
+    cfg, out, _ = small_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shard = copy / "directions" / "sae-k1" / "directions.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    detection = copy / "figures" / "dense" / "detection.json"
+    detection.write_text(detection.read_text()[:50])
+    cfg = dataclasses.replace(cfg, steering=dataclasses.replace(cfg.steering, emotions=["happy"]))
+    run = run_study(cfg, copy, model=model)
+    assert f"{shard} is corrupt" in caplog.text and f"{detection} is corrupt" in caplog.text
+    assert {"directions_sae_k1", "evals_dense", "steering", "report"} <= set(run.recomputed)
+    assert {"scoring", "activations", "directions_dense", "evals_sae_k1", "probes"} <= set(run.skipped)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    assert "happy" in metrics["steering"] and "afraid" not in metrics["steering"]
+    assert "afraid" in json.loads((out / "metrics.json").read_text())["steering"]
+    steering_html = (copy / "report.html").read_text().split("<h2>Steering</h2>")[1].split("<h2>")[0]
+    assert "happy" in steering_html and "afraid" not in steering_html
+    assert EmotionDirections.load(copy / "directions" / "sae-k1").names == EmotionDirections.load(
+        out / "directions" / "sae-k1").names
 
 
 def test_card_snippets_are_the_peak_window_of_the_whole_record(small_run, model):

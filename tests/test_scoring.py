@@ -114,7 +114,7 @@ def test_scoring_pass_fills_the_activation_store(model, random_sae, tmp_path, mo
     acfg = A.ActivationConfig(dtype="float32", shard_records=3)
     hook = random_sae.cfg.metadata.hook_name
     reference = A.collect_pooled(model, RECS, acfg, layers=[6])
-    store = A.PooledStore(tmp_path, A.pooling_meta([hook], acfg, torch.float32), acfg.shard_records)
+    store = A.PooledStore(tmp_path, A.pooling_meta(model, [hook], acfg), acfg.shard_records, records=RECS)
     score_latents(model, random_sae, RECS[:5], cfg, pooled=store)
     assert len(list(tmp_path.glob("shard-*.safetensors"))) == 2  # 5 records, each stored once
 

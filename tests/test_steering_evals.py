@@ -210,3 +210,17 @@ def test_continuation_scores_match_a_plain_forward_pass(model):
         assert nll[i] == pytest.approx(float(-logp.sum()), rel=1e-4)
         torch.testing.assert_close(pooled[i], cache[HOOK][0, p:p + n].mean(0), atol=1e-3, rtol=1e-4)
     assert count[3] == 0 and nll[3] == 0.0 and not pooled[3].any()
+
+
+def test_disabled_steering_drops_an_earlier_runs_section(tmp_path):
+    from saefeatures.config import RunConfig
+    from saefeatures.rundir import RunDir
+
+    run = RunDir.open(tmp_path / "run")
+    run.record("steering", {"happy": {"judge_valence_spearman": 0.9}})
+    (tmp_path / "run" / "figures" / "steering").mkdir(parents=True)
+    cfg = RunConfig()
+    cfg.steering.enabled = False
+    assert stage_steering(SimpleNamespace(cfg=cfg, run=run, model=None, records=[]), {}) is None
+    assert "steering" not in json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert not (tmp_path / "run" / "figures" / "steering").exists()

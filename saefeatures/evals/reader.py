@@ -28,7 +28,6 @@ import torch
 from ..activations import ActivationConfig, collect_pooled, pooling_meta
 from ..corpus_import import Story, cap_per_emotion, read_story_set, story_set_key
 from ..directions import EmotionDirections
-from ..models import resolve_dtype
 from .detection import auroc
 
 
@@ -112,7 +111,7 @@ def read_stories(
     needed = {s.id for kept, _, _ in readings.values() for s in kept}
     out_dir = None
     if cache_dir is not None:
-        meta = pooling_meta([hook], cfg, resolve_dtype(cfg.dtype, model.cfg.device))
+        meta = pooling_meta(model, [hook], cfg)
         key = hashlib.sha256(json.dumps([story_set_key(src), meta], sort_keys=True).encode()).hexdigest()[:8]
         out_dir = Path(cache_dir) / f"reader-L{layer}-{key}"
     pooled = collect_pooled(model, [s for s in stories if s.id in needed], cfg, out_dir, layers=[layer], desc="reader")

@@ -35,6 +35,7 @@ import logging
 import math
 import random
 import re
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -47,7 +48,9 @@ import torch
 from scipy.stats import spearmanr
 
 from .. import emotions as emo
+from ..activations import model_key
 from ..directions import EmotionDirections
+from ..files import read_json, save_figure
 from ..steering import (Generation, Steering, SteeringError, SteeringSpec, generate_steered_full,
                         residual_norm, steered)
 from .activities import ACTIVITIES, Activity
@@ -686,8 +689,6 @@ class SteeringResult:
         return cls(curves, pref, pres, d["norm"], d["hook"], d.get("ppl_limit", 2.0), d.get("primary", "dense"))
 
     def save(self, path: Path | str) -> Path:
-        from ..rundir import write_json
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, self.to_dict())
@@ -695,7 +696,7 @@ class SteeringResult:
 
     @classmethod
     def load(cls, path: Path | str) -> "SteeringResult":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json(path))
 
 
 def run_steering_evals(
@@ -816,7 +817,7 @@ def save_steering_plots(result: SteeringResult, out_dir: Path | str) -> dict[str
     paths = {}
     for name, fig in steering_figures(result).items():
         path = out / f"{name}.png"
-        fig.savefig(path, dpi=110)
+        save_figure(path, fig, dpi=110)
         plt.close(fig)
         paths[name] = str(path)
     return paths
@@ -857,8 +858,9 @@ def log_steering_wandb(result: SteeringResult, plots: dict[str, str], project: s
 def stage_steering(study: Any, dirs_by_recipe: dict[str, EmotionDirections], sae: Any = None) -> SteeringResult | None:
     """The steering stage of `saefeatures run`: evaluations, metrics, plots, wandb.
 
-    Records ``steering.*`` in metrics.json, writes ``steering/results.json`` and PNG plots under
-    ``figures/steering/``; skipped (and reloaded) when its inputs did not change.
+    Replaces ``steering.*`` in metrics.json, writes ``steering/results.json`` and PNG plots under
+    ``figures/steering/`` (emptied first); skipped (and reloaded) when its inputs (config, model,
+    directions, SAE weights, normalising texts) did not change and its results load.
 
     Example:
         >>> stage_steering(study, {"dense": dense, "sae": sae_dirs}, sae)
@@ -867,21 +869,28 @@ def stage_steering(study: Any, dirs_by_recipe: dict[str, EmotionDirections], sae
     from ..rundir import key_of
 
     cfg = study.cfg.steering
-    if not cfg.enabled:
-        log.info("steering: disabled in the config")
-        return None
     results = study.run.path / "steering" / "results.json"
     figures = study.run.path / "figures" / "steering"
-    key = key_of(config_mod.to_dict(cfg),
-                 {k: [d.names, float(d.vectors.sum()), d.hook, d.latents] for k, d in sorted(dirs_by_recipe.items())},
-                 None if sae is None else [sae.cfg.metadata.hook_name, sae.cfg.d_sae, float(sae.W_dec.detach().sum())])
-    if study.run.is_done("steering", key, (results,)):
-        log.info("steering: inputs unchanged, reusing %s", results)
-        return SteeringResult.load(results)
+    if not cfg.enabled:
+        log.info("steering: disabled in the config")
+        if "steering" in study.run.metrics:  # numbers of an earlier run must not pass for this config's
+            study.run.drop("steering")
+            study.run.save()
+        shutil.rmtree(figures, ignore_errors=True)
+        return None
     neutral = [r.text for r in getattr(study, "records", []) if r.emotion == "neutral" and r.split == "train"][:32]
+    key = key_of(config_mod.to_dict(cfg), model_key(study.model), neutral,
+                 {k: [d.names, d.layer, d.hook, d.vectors, d.center, d.latents]
+                  for k, d in sorted(dirs_by_recipe.items())},
+                 None if sae is None else [sae.cfg.metadata.hook_name, sae.cfg.d_sae, dict(sae.state_dict())])
+    reused = study.run.reuse("steering", key, lambda: SteeringResult.load(results))
+    if reused is not None:
+        log.info("steering: inputs unchanged, reusing %s", results)
+        return reused
     with study.run.stage("steering", key):
+        shutil.rmtree(figures, ignore_errors=True)  # figures of emotions no longer configured go too
         result = run_steering_evals(study.model, dirs_by_recipe, sae, cfg, norm_texts=neutral or None)
-        study.run.record("steering", result.metrics())
+        study.run.replace("steering", result.metrics())
         plots = save_steering_plots(result, figures)
         result.save(results)
         tracking = study.cfg.tracking
