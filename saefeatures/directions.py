@@ -22,10 +22,12 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from . import emotions as emo
+from .errors import UserError
 
 FORMAT_VERSION = 1
 
@@ -118,11 +120,26 @@ class EmotionDirections:
             if not f.is_file():
                 raise FileNotFoundError(f"{f} not found: `path` must be a directory written by EmotionDirections.save "
                                         "(e.g. RUN/directions/dense).")
-        meta = json.loads(files[0].read_text())
-        tensors = load_file(str(files[1]))
-        return cls(meta["names"], meta["layer"], tensors["vectors"], meta["hook"], meta["recipe"],
-                   tensors.get("center"), {k: [(int(i), float(w)) for i, w in v] for k, v in meta["latents"].items()},
-                   meta.get("metadata", {}))
+        fix = "Save the directions again (EmotionDirections.save, or rerun the stage that wrote them)."
+        try:
+            meta = json.loads(files[0].read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:
+            raise UserError(f"{files[0]}: not valid JSON ({e}). {fix}") from None
+        missing = [k for k in ("names", "layer", "hook", "recipe", "latents") if not isinstance(meta, dict) or k not in meta]
+        if missing:
+            raise UserError(f"{files[0]} lacks the key(s) {', '.join(missing)}: not written by EmotionDirections.save. {fix}")
+        try:
+            tensors = load_file(str(files[1]))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{files[1]}: unreadable or truncated safetensors file ({e}). {fix}") from None
+        if "vectors" not in tensors:
+            raise UserError(f"{files[1]} has no 'vectors' tensor (has {sorted(tensors)}). {fix}")
+        try:
+            return cls(meta["names"], meta["layer"], tensors["vectors"], meta["hook"], meta["recipe"],
+                       tensors.get("center"), {k: [(int(i), float(w)) for i, w in v] for k, v in meta["latents"].items()},
+                       meta.get("metadata", {}))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise UserError(f"{path}: directions.json and directions.safetensors disagree ({e}). {fix}") from None
 
 
 def neutral_basis(neutral: Float[Tensor, "n d_model"], variance: float, max_pcs: int = 64) -> Float[Tensor, "k d_model"]:
