@@ -209,8 +209,8 @@ def cmd_steer(args: argparse.Namespace) -> None:
     from .directions import EmotionDirections
     from .evals.steering import NEUTRAL_PROMPTS
     from .models import load_model
-    from .preflight import check_model, check_sae_config, model_shape, run_layer
-    from .saes import check_sae_files, load_sae, resid_hook
+    from .preflight import check_steer
+    from .saes import load_sae
     from .steering import parse_assignments, steer_prompts
 
     cfg = _config(args.config)
@@ -221,40 +221,10 @@ def cmd_steer(args: argparse.Namespace) -> None:
     for key in ("method", "op", "positions", "hook"):
         if getattr(args, key) is not None:
             spec = replace(spec, **{key: getattr(args, key)})
-    check_model(cfg)
-    spec.validate()
     dirs = EmotionDirections.load(args.directions) if args.directions else None
-    shape = model_shape(cfg)
-    if spec.emotions and dirs is None:
-        raise UserError("--emotion needs --directions DIR (e.g. RUN/directions/dense): each emotion's direction "
-                        "(or, with --method clamp, its SAE latents) comes from there.")
-    if dirs is not None:
-        absent = [n for n in spec.emotions if n not in dirs.names]
-        if absent:
-            raise UserError(f"{', '.join(absent)} not in the directions at {args.directions} "
-                            f"({len(dirs.names)} emotions). Steer emotions they hold, or build directions with them.")
-        if shape is not None and dirs.d_model != shape[1]:
-            raise UserError(f"The directions at {args.directions} have width {dirs.d_model}, but {cfg.model.name} "
-                            f"has d_model {shape[1]}: they were built on another model.")
-    layer = dirs.layer if dirs is not None else run_layer(cfg)
-    needs_sae = bool(args.sae or spec.latents or spec.method == "clamp")
-    if needs_sae:
-        what = "--latent" if spec.latents else "--method clamp" if spec.method == "clamp" else "--sae"
-        if args.sae:
-            check_sae_files(args.sae, hook=spec.hook or (resid_hook(layer) if layer is not None else None),
-                            d_model=shape[1] if shape else None)
-        elif cfg.sae.source == "local" and cfg.sae.path is None and layer is None:
-            raise UserError(f"{what} needs an SAE: give --sae DIR, or a config whose model.layer has a shipped SAE.")
-        else:
-            try:
-                check_sae_config(cfg if dirs is None else replace(cfg, model=replace(cfg.model, layer=layer)))
-            except UserError as e:
-                raise UserError(f"{what} needs an SAE, and the config's is not usable: {e} "
-                                "Or give --sae DIR.") from None
+    layer, needs_sae = check_steer(cfg, spec, dirs, args.directions, args.sae)
     model = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
-    sae = None
-    if needs_sae:
-        sae = load_sae(args.sae or cfg.sae, model, layer=layer)
+    sae = load_sae(args.sae or cfg.sae, model, layer=layer) if needs_sae else None
     rows = steer_prompts(model, spec, args.prompt or NEUTRAL_PROMPTS[:2], directions=dirs, sae=sae,
                          compare=not args.no_compare, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, seed=args.seed, backend=args.backend)

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,13 @@ from transformer_lens.loading_from_pretrained import get_official_model_name
 from . import emotions as emo
 from .config import ConfigError, RunConfig
 from .corpus import DEFAULT_CORPUS, KINDS, NON_EMOTION, CorpusRecord, check_labels, check_splits, load_corpus
-from .directions import RANKS, WEIGHTINGS
+from .directions import RANKS, WEIGHTINGS, EmotionDirections
+from .errors import UserError
 from .evals.steering import check_strengths
 from .models import EMBEDDED_NAME, ModelLoadError, default_layer, embedded_model_file, known_shape
 from .prompts import SPLITS
 from .saes import ARCHITECTURES, SOURCES, check_sae_files, resid_hook, shipped_sae_dir
-from .steering import OPS, POSITIONS, SteeringError
+from .steering import OPS, POSITIONS, SteeringError, SteeringSpec
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRACKING_MODES = ("offline", "online", "disabled")
@@ -316,6 +318,43 @@ def check_sae_config(cfg: RunConfig, model: Any = None) -> None:
     shape = model_shape(cfg, model)
     hook = cfg.sae.hook or (resid_hook(layer) if layer is not None else None)
     check_sae_files(path, hook=hook, d_model=shape[1] if shape else None)
+
+
+def check_steer(cfg: RunConfig, spec: SteeringSpec, dirs: EmotionDirections | None, dirs_path: str | None,
+                sae_path: str | None) -> tuple[int | None, bool]:
+    """`saefeatures steer`: the model, the spec, the directions its emotions need, and the SAE that
+    latents or clamping need. Returns (layer steered, whether an SAE is needed)."""
+    check_model(cfg)
+    spec.validate()
+    shape = model_shape(cfg)
+    if spec.emotions and dirs is None:
+        raise UserError("--emotion needs --directions DIR (e.g. RUN/directions/dense): each emotion's direction "
+                        "(or, with --method clamp, its SAE latents) comes from there.")
+    if dirs is not None:
+        absent = [n for n in spec.emotions if n not in dirs.names]
+        if absent:
+            raise UserError(f"{', '.join(absent)} not in the directions at {dirs_path} ({len(dirs.names)} "
+                            "emotions). Steer emotions they hold, or build directions with them.")
+        if shape is not None and dirs.d_model != shape[1]:
+            raise UserError(f"The directions at {dirs_path} have width {dirs.d_model}, but {cfg.model.name} has "
+                            f"d_model {shape[1]}: they were built on another model.")
+    layer = dirs.layer if dirs is not None else run_layer(cfg)
+    needs_sae = bool(sae_path or spec.latents or spec.method == "clamp")
+    if not needs_sae:
+        return layer, False
+    what = "--latent" if spec.latents else "--method clamp" if spec.method == "clamp" else "--sae"
+    if sae_path:
+        check_sae_files(sae_path, hook=spec.hook or (resid_hook(layer) if layer is not None else None),
+                        d_model=shape[1] if shape else None)
+    elif cfg.sae.source == "train" or (cfg.sae.source == "local" and cfg.sae.path is None and layer is None):
+        raise UserError(f"{what} needs an SAE: give --sae DIR, or a config whose sae.path or model.layer "
+                        "names one (the shipped SAE is at layer 20).")
+    else:
+        try:
+            check_sae_config(replace(cfg, model=replace(cfg.model, layer=layer)))
+        except UserError as e:
+            raise UserError(f"{what} needs an SAE, and the config's is not usable: {e} Or give --sae DIR.") from None
+    return layer, True
 
 
 def check_run(cfg: RunConfig, model: Any = None) -> None:

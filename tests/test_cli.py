@@ -303,3 +303,13 @@ def test_a_bug_is_one_line_with_exit_1(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 1
     assert err == "error: KeyError: 'hook' (unexpected; rerun with --debug for the traceback)"
+
+
+@pytest.mark.parametrize("args", [["--emotion", "happy=-0.2", "--directions", "DIRS"], ["--latent", "5=1"],
+                                  ["--emotion", "sad=0.1", "--directions", "DIRS", "--method", "clamp"]])
+def test_good_steering_arguments_get_past_the_checks(tmp_path, capsys, args):
+    """Negative strengths steer away; the shipped SAE serves --latent: these reach the model load."""
+    args = [write_directions(tmp_path / "dirs") if a == "DIRS" else a for a in args]
+    with pytest.raises(SystemExit):
+        cli.main(["steer", *args])
+    assert "the model was loaded" in capsys.readouterr().err
