@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     corpus = sub.add_parser("corpus", help="build, inspect and check the emotion-story corpus", parents=[common])
     csub = corpus.add_subparsers(dest="corpus_command", required=True)
-    b = csub.add_parser("build", help="generate stories and neutral texts with the model (resumable)", parents=[common])
+    b = csub.add_parser("build", help="generate stories and neutral texts with the model (resumable)",
+                        parents=[common])
     b.add_argument("--config", help="run config YAML (model and corpus.build sections)")
     b.add_argument("--out", required=True, help="JSONL file to write (rerun to resume)")
     b.add_argument("--ship", help="also write a gzip copy here when done")
@@ -314,13 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="where to write geometry.png/html (default: the directions directory)")
     g.set_defaults(func=cmd_geometry)
 
-    w = sub.add_parser("sweep", help="dense directions at several layers: one table to pick the layer", parents=[common])
+    w = sub.add_parser("sweep", help="dense directions at several layers: one table to pick the layer",
+                       parents=[common])
     w.add_argument("config")
     w.add_argument("--layers", required=True, help="comma-separated, e.g. 8,12,16,20,24")
     w.add_argument("--out", required=True, help="sweep directory (activation shards are cached there)")
     w.set_defaults(func=cmd_sweep)
 
-    st = sub.add_parser("steer", help="generate with emotion steering: directions added or SAE latents clamped", parents=[common])
+    st = sub.add_parser("steer", help="generate with emotion steering: directions added or SAE latents clamped",
+                        parents=[common])
     st.add_argument("--config", help="run config YAML (model, sae, steering.spec)")
     st.add_argument("--directions", help="directions directory (RUN/directions/dense); needed for --emotion")
     st.add_argument("--sae", help="SAE directory for clamping (default: the config's / shipped SAE)")

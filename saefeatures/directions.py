@@ -125,9 +125,11 @@ class EmotionDirections:
             meta = json.loads(files[0].read_text(encoding="utf-8"))
         except (ValueError, OSError) as e:
             raise UserError(f"{files[0]}: not valid JSON ({e}). {fix}") from None
-        missing = [k for k in ("names", "layer", "hook", "recipe", "latents") if not isinstance(meta, dict) or k not in meta]
+        keys = ("names", "layer", "hook", "recipe", "latents")
+        missing = [k for k in keys if not isinstance(meta, dict) or k not in meta]
         if missing:
-            raise UserError(f"{files[0]} lacks the key(s) {', '.join(missing)}: not written by EmotionDirections.save. {fix}")
+            raise UserError(f"{files[0]} lacks the key(s) {', '.join(missing)}: not written by "
+                            f"EmotionDirections.save. {fix}")
         try:
             tensors = load_file(str(files[1]))
         except (SafetensorError, OSError) as e:
@@ -135,9 +137,9 @@ class EmotionDirections:
         if "vectors" not in tensors:
             raise UserError(f"{files[1]} has no 'vectors' tensor (has {sorted(tensors)}). {fix}")
         try:
+            latents = {k: [(int(i), float(w)) for i, w in v] for k, v in meta["latents"].items()}
             return cls(meta["names"], meta["layer"], tensors["vectors"], meta["hook"], meta["recipe"],
-                       tensors.get("center"), {k: [(int(i), float(w)) for i, w in v] for k, v in meta["latents"].items()},
-                       meta.get("metadata", {}))
+                       tensors.get("center"), latents, meta.get("metadata", {}))
         except (ValueError, TypeError, AttributeError) as e:
             raise UserError(f"{path}: directions.json and directions.safetensors disagree ({e}). {fix}") from None
 

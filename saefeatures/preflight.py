@@ -363,4 +363,6 @@ def check_run(cfg: RunConfig, model: Any = None) -> None:
     check_values(cfg)
     check_model(cfg, model)
     check_named_emotions(cfg, check_corpus(cfg))
+    if cfg.sae.source == "train":
+        check_training_corpus(cfg)
     check_sae_config(cfg, model)

@@ -331,8 +331,9 @@ def _read_local(path: Path, device: str, dtype: str | None) -> SAE:
         raise SAELoadError(f"Could not read the SAE in {path} ({type(e).__name__}: {e}); "
                            "its cfg.json is not a SAELens 6 config.") from None
     except RuntimeError as e:  # a state_dict that does not fit the config (check_sae_files covers W_enc/W_dec)
-        raise SAELoadError(f"The weights in {path / WEIGHTS_FILE} do not fit its {CFG_FILE} "
-                           f"({str(e).splitlines()[-1].strip()}). Restore the matching cfg.json and weights.") from None
+        detail = str(e).splitlines()[-1].strip()
+        raise SAELoadError(f"The weights in {path / WEIGHTS_FILE} do not fit its {CFG_FILE} ({detail}). "
+                           "Restore the matching cfg.json and weights.") from None
 
 
 def _read_pretrained(release: str, sae_id: str, device: str, dtype: str) -> SAE:

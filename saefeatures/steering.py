@@ -113,8 +113,8 @@ class SteeringSpec:
                 raise SteeringError(f"steering {name} must be one of {', '.join(allowed)}; got '{value}'.")
         for name in self.emotions:
             emo.get(name)  # UnknownEmotionError with suggestions
-        values = {**{str(k): v for k, v in self.emotions.items()}, **{f"latent {k}": v for k, v in self.latents.items()}}
-        bad = [f"{k}={v}" for k, v in values.items() if not math.isfinite(v)]
+        bad = [f"{k}={v}" for k, v in self.emotions.items() if not math.isfinite(v)]
+        bad += [f"latent {k}={v}" for k, v in self.latents.items() if not math.isfinite(v)]
         if bad:
             raise SteeringError(f"Steering values must be finite numbers; got {', '.join(bad)} "
                                 "(e.g. desperate=0.05, calm=-0.1).")

@@ -46,7 +46,8 @@ def problems(source: str, where: str = "<src>") -> list[str]:
                 found.append(f"{line}: imports from {node.module}")
             if module == "torch" and any(a.name == "load" for a in node.names):
                 found.append(f"{line}: imports torch.load by name (call torch.load with weights_only=True)")
-            if module == "yaml" and any(a.name in ("load", "unsafe_load", "full_load", "load_all") for a in node.names):
+            unsafe_yaml = ("load", "unsafe_load", "full_load", "load_all")
+            if module == "yaml" and any(a.name in unsafe_yaml for a in node.names):
                 found.append(f"{line}: imports an unsafe yaml loader")
         elif isinstance(node, ast.Call):
             name = _dotted(node.func)

@@ -341,8 +341,8 @@ def check_strengths(strengths: Sequence[float]) -> list[float]:
     baseline) and positive finite values; the curves measure steering toward each emotion."""
     ordered = sorted(strengths)
     if not all(math.isfinite(s) for s in ordered) or len(ordered) < 2 or ordered[0] != 0 or ordered[1] <= 0:
-        negative = " (negative ones steer away, which these curves do not measure: give 0 and positive " \
-                   "values; to steer away, use `saefeatures steer --emotion NAME=-0.1`)" if ordered and ordered[0] < 0 else ""
+        negative = (" (negative ones steer away, which these curves do not measure: give 0 and positive values; "
+                    "to steer away, use `saefeatures steer --emotion NAME=-0.1`)") if ordered and ordered[0] < 0 else ""
         raise SteeringError(f"steering.strengths must hold 0 (the unsteered baseline) and at least one positive "
                             f"finite strength{negative}; got {list(strengths)}.")
     if len(set(ordered)) != len(ordered):
