@@ -1,4 +1,9 @@
-"""The `saefeatures` command line: thin calls into the library, one subcommand per stage."""
+"""The `saefeatures` command line: thin calls into the library, one subcommand per stage.
+
+Every subcommand checks its config, files and arguments (`saefeatures.preflight`) before the
+model loads; bad input ends in one line, ``error: ...``, and exit status 2 (``--debug``: the
+traceback).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .config import RunConfig, load_config
+from .errors import UserError
 
 log = logging.getLogger("saefeatures")
 
@@ -22,9 +28,10 @@ def _print(obj: object) -> None:
 
 
 def cmd_corpus_build(args: argparse.Namespace) -> None:
-    from .corpus import build_corpus, compress, corpus_stats, lexicon_valence_check, read_records
+    from .corpus import build_corpus, compress, corpus_stats, done_batches, lexicon_valence_check, read_records
     from .generation import Generator
     from .models import load_hf, resolve_dtype
+    from .preflight import check_model, check_values
 
     cfg = _config(args.config)
     build = cfg.corpus.build
@@ -36,6 +43,9 @@ def cmd_corpus_build(args: argparse.Namespace) -> None:
         build.stories_per_emotion = args.stories_per_emotion
     if args.general_texts is not None:
         build.general_texts = args.general_texts
+    check_values(cfg)
+    check_model(cfg)
+    done_batches(Path(args.out), args.skip_corrupt)  # a corrupt build file to resume fails here, not after loading
     hf, tokenizer, identity = load_hf(cfg.model.name, dtype=resolve_dtype(build.generation.dtype, cfg.model.device),
                                       device=cfg.model.device)
     report = build_corpus(build, args.out, Generator(hf, tokenizer, build.generation), identity.name,
@@ -88,6 +98,7 @@ def cmd_corpus_import(args: argparse.Namespace) -> None:
 
 
 def cmd_sae_train(args: argparse.Namespace) -> None:
+    from .preflight import check_model, check_training_corpus, check_values
     from .sae_training import export_sae, train_sae
 
     cfg = _config(args.config)
@@ -95,6 +106,9 @@ def cmd_sae_train(args: argparse.Namespace) -> None:
         cfg.sae.train.training_tokens = args.tokens
     if args.device:
         cfg.model.device = args.device
+    check_values(cfg)
+    check_model(cfg)
+    check_training_corpus(cfg)
     result = train_sae(cfg, out_dir=args.out, resume=not args.no_resume)
     if args.ship:
         export_sae(result.sae_dir, args.ship)
@@ -102,12 +116,19 @@ def cmd_sae_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sae_eval(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from .preflight import check_corpus, check_model, check_sae_config, check_values
     from .sae_training import evaluate_run_sae
 
     cfg = _config(args.config)
     for key in ("split", "max_tokens", "ce_tokens"):
         if getattr(args, key) is not None:
             setattr(cfg.sae.eval, key, getattr(args, key))
+    check_values(cfg)
+    check_model(cfg)
+    check_corpus(cfg)
+    check_sae_config(replace(cfg, sae=replace(cfg.sae, source="local", path=args.sae)) if args.sae else cfg)
     evals = evaluate_run_sae(cfg, sae_path=args.sae, save_to=args.save)
     _print({"metrics": evals.metrics(), **evals.to_dict()})
 
@@ -144,8 +165,6 @@ def cmd_directions(args: argparse.Namespace) -> None:
     from .pipeline import (eval_data, open_study, report_directions, stage_activations, stage_dense,
                            stage_emobank, stage_sae, stage_sae_directions, stage_scores)
 
-    if args.recipe not in ("dense", "sae"):
-        raise ValueError(f"Unknown recipe '{args.recipe}'; use 'dense' or 'sae'.")
     study = open_study(_config(args.config), args.out, args.config)
     if args.recipe == "sae":  # scoring first: its forward pass also pools the train split
         sae = stage_sae(study)
@@ -187,9 +206,18 @@ def cmd_geometry(args: argparse.Namespace) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from .layer_sweep import format_table, sweep_layers
+    from .preflight import check_corpus, check_model, check_values
 
     cfg = _config(args.config)
-    rows = sweep_layers(cfg, [int(x) for x in args.layers.split(",")], args.out)
+    try:
+        layers = [int(x) for x in args.layers.split(",")]
+    except ValueError:
+        raise UserError(f"--layers {args.layers}: expected comma-separated integers, e.g. 8,12,16.") from None
+    cfg.activations.layers = layers
+    check_values(cfg)
+    check_model(cfg)
+    check_corpus(cfg)
+    rows = sweep_layers(cfg, layers, args.out)
     print(format_table(rows))
 
 
@@ -199,6 +227,7 @@ def cmd_steer(args: argparse.Namespace) -> None:
     from .directions import EmotionDirections
     from .evals.steering import NEUTRAL_PROMPTS
     from .models import load_model
+    from .preflight import check_steer
     from .saes import load_sae
     from .steering import parse_assignments, steer_prompts
 
@@ -210,13 +239,10 @@ def cmd_steer(args: argparse.Namespace) -> None:
     for key in ("method", "op", "positions", "hook"):
         if getattr(args, key) is not None:
             spec = replace(spec, **{key: getattr(args, key)})
-    spec.validate()
-    model = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
     dirs = EmotionDirections.load(args.directions) if args.directions else None
-    sae = None
-    if args.sae or spec.latents or spec.method == "clamp":
-        layer = dirs.layer if dirs is not None else cfg.model.layer
-        sae = load_sae(args.sae or cfg.sae, model, layer=layer)
+    layer, needs_sae = check_steer(cfg, spec, dirs, args.directions, args.sae)
+    model = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
+    sae = load_sae(args.sae or cfg.sae, model, layer=layer) if needs_sae else None
     rows = steer_prompts(model, spec, args.prompt or NEUTRAL_PROMPTS[:2], directions=dirs, sae=sae,
                          compare=not args.no_compare, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, seed=args.seed, backend=args.backend)
@@ -226,11 +252,15 @@ def cmd_steer(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="saefeatures", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    common = argparse.ArgumentParser(add_help=False)  # --debug after the subcommand too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
-    corpus = sub.add_parser("corpus", help="build, inspect and check the emotion-story corpus")
+    corpus = sub.add_parser("corpus", help="build, inspect and check the emotion-story corpus", parents=[common])
     csub = corpus.add_subparsers(dest="corpus_command", required=True)
-    b = csub.add_parser("build", help="generate stories and neutral texts with the model (resumable)")
+    b = csub.add_parser("build", help="generate stories and neutral texts with the model (resumable)",
+                        parents=[common])
     b.add_argument("--config", help="run config YAML (model and corpus.build sections)")
     b.add_argument("--out", required=True, help="JSONL file to write (rerun to resume)")
     b.add_argument("--ship", help="also write a gzip copy here when done")
@@ -242,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_corpus_build)
     for name, func, text in (("stats", cmd_corpus_stats, "counts per emotion, split, filter"),
                              ("validate", cmd_corpus_validate, "strict check of every line")):
-        s = csub.add_parser(name, help=text)
+        s = csub.add_parser(name, help=text, parents=[common])
         s.add_argument("path", nargs="?", help="corpus JSONL(.gz); default: the shipped corpus")
         if name == "stats":
             s.add_argument("--skip-corrupt", action="store_true")
@@ -258,9 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="leave out stories of emotions outside the paper's 171 instead of failing")
     im.set_defaults(func=cmd_corpus_import)
 
-    sae = sub.add_parser("sae", help="train, evaluate and inspect the SAE at the studied layer")
+    sae = sub.add_parser("sae", help="train, evaluate and inspect the SAE at the studied layer", parents=[common])
     ssub = sae.add_subparsers(dest="sae_command", required=True)
-    t = ssub.add_parser("train", help="train an SAE with SAELens on the corpus (resumable)")
+    t = ssub.add_parser("train", help="train an SAE with SAELens on the corpus (resumable)", parents=[common])
     t.add_argument("--config", help="run config YAML (model, corpus, tracking, sae.train)")
     t.add_argument("--out", help="output directory (default: sae.train.out or runs/sae/<model>-L<layer>)")
     t.add_argument("--tokens", type=int, help="override sae.train.training_tokens")
@@ -268,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
     t.add_argument("--ship", help="also export the trained SAE here (bfloat16 weights)")
     t.set_defaults(func=cmd_sae_train)
-    e = ssub.add_parser("eval", help="SAELens evals on the held-out corpus split")
+    e = ssub.add_parser("eval", help="SAELens evals on the held-out corpus split", parents=[common])
     e.add_argument("--config", help="run config YAML (model, corpus, sae)")
     e.add_argument("--sae", help="SAE directory (default: the config's SAE)")
     e.add_argument("--split", help="corpus split (default: sae.eval.split, 'test')")
@@ -276,50 +306,52 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ce-tokens", type=int, help="tokens for the CE loss recovered")
     e.add_argument("--save", help="write the evals to this JSON file")
     e.set_defaults(func=cmd_sae_eval)
-    i = ssub.add_parser("info", help="an SAE directory's config, training record and evals")
+    i = ssub.add_parser("info", help="an SAE directory's config, training record and evals", parents=[common])
     i.add_argument("path", nargs="?", help="SAE directory (default: the config's or the shipped SAE)")
     i.add_argument("--config", help="run config YAML")
     i.set_defaults(func=cmd_sae_info)
 
-    r = sub.add_parser("run", help="the whole study on one config: corpus -> ... -> report")
+    r = sub.add_parser("run", help="the whole study on one config: corpus -> ... -> report", parents=[common])
     r.add_argument("config", help="run config YAML, e.g. configs/smollm2-135m.yaml")
     r.add_argument("--out", required=True, help="run directory (rerun to resume)")
     r.set_defaults(func=cmd_run)
 
-    a = sub.add_parser("activations", help="pool residual activations of the corpus at the layer")
+    a = sub.add_parser("activations", help="pool residual activations of the corpus at the layer", parents=[common])
     a.add_argument("config")
     a.add_argument("--out", required=True, help="run directory")
     a.set_defaults(func=cmd_activations)
 
-    d = sub.add_parser("directions", help="build or evaluate emotion directions")
+    d = sub.add_parser("directions", help="build or evaluate emotion directions", parents=[common])
     dsub = d.add_subparsers(dest="directions_command", required=True)
     for name, text in (("build", "build directions from the train split"),
                        ("eval", "build, then evaluate: geometry, detection, EmoBank")):
-        x = dsub.add_parser(name, help=text)
+        x = dsub.add_parser(name, help=text, parents=[common])
         x.add_argument("config")
         x.add_argument("--out", required=True, help="run directory")
-        x.add_argument("--recipe", default="dense", help="'dense' (DiffMean) or 'sae'")
+        x.add_argument("--recipe", default="dense", choices=["dense", "sae"], help="'dense' (DiffMean) or 'sae'")
         x.set_defaults(func=cmd_directions)
 
-    sc = sub.add_parser("score", help="score every SAE latent against the corpus (per emotion)")
+    sc = sub.add_parser("score", help="score every SAE latent against the corpus (per emotion)", parents=[common])
     sc.add_argument("config")
     sc.add_argument("--out", required=True, help="run directory")
     sc.add_argument("--emotions", help="comma-separated emotions to print the top latents of")
     sc.add_argument("--top", type=int, default=5)
     sc.set_defaults(func=cmd_score)
 
-    g = sub.add_parser("geometry", help="PCA of saved directions vs valence/arousal, with plots")
+    g = sub.add_parser("geometry", help="PCA of saved directions vs valence/arousal, with plots", parents=[common])
     g.add_argument("directions", help="a directions directory (RUN/directions/dense)")
     g.add_argument("--out", help="where to write geometry.png/html (default: the directions directory)")
     g.set_defaults(func=cmd_geometry)
 
-    w = sub.add_parser("sweep", help="dense directions at several layers: one table to pick the layer")
+    w = sub.add_parser("sweep", help="dense directions at several layers: one table to pick the layer",
+                       parents=[common])
     w.add_argument("config")
     w.add_argument("--layers", required=True, help="comma-separated, e.g. 8,12,16,20,24")
     w.add_argument("--out", required=True, help="sweep directory (activation shards are cached there)")
     w.set_defaults(func=cmd_sweep)
 
-    st = sub.add_parser("steer", help="generate with emotion steering: directions added or SAE latents clamped")
+    st = sub.add_parser("steer", help="generate with emotion steering: directions added or SAE latents clamped",
+                        parents=[common])
     st.add_argument("--config", help="run config YAML (model, sae, steering.spec)")
     st.add_argument("--directions", help="directions directory (RUN/directions/dense); needed for --emotion")
     st.add_argument("--sae", help="SAE directory for clamping (default: the config's / shipped SAE)")
@@ -341,14 +373,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run one subcommand; bad input (`UserError`, a missing or unreadable file) prints one line
+    and exits 2, any other failure one line and exits 1; ``--debug`` re-raises with the traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        log.error("%s", e)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("error: interrupted; rerun the same command to resume.", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (UserError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"error: {type(e).__name__}: {_one_line(e)} (unexpected; rerun with --debug for the traceback)",
+              file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return text
 
 
 if __name__ == "__main__":

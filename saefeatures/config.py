@@ -18,6 +18,7 @@ import yaml
 from .activations import ActivationConfig
 from .corpus import CorpusConfig
 from .directions import DirectionConfig, SAERecipeConfig
+from .errors import UserError
 from .evals.probes import ProbeConfig
 from .evals.suite import EvalConfig
 from .scoring import ScoringConfig
@@ -25,7 +26,7 @@ from .saes import SAEConfig
 from .evals.steering import SteeringConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file has an unknown key or a value of the wrong type."""
 
 
@@ -189,11 +190,22 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Load a run config from YAML; a missing section takes its defaults."""
+    """Load a run config from YAML; a missing section takes its defaults, an empty file is an error
+    (the code defaults differ from configs/, so running on them is rarely what was meant)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Config file not found: {path}. See configs/ for examples.")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error ({problem}). Fix the file; configs/ has examples.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file; give a YAML run config (see configs/).") from None
+    if data is None:
+        raise ConfigError(f"{path} is empty. Start from a config in configs/ (e.g. configs/smollm2-135m.yaml).")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections.")
     try:

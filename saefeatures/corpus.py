@@ -18,6 +18,7 @@ import os
 import random
 import re
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from . import emotions as emo
 from . import prompts
+from .errors import UserError
 from .files import atomic_path
 from .generation import GenerationConfig, Generator, batch_seed
 
@@ -68,9 +70,12 @@ class CorpusRecord:
 
 _FIELDS = {f.name for f in fields(CorpusRecord)}
 _REQUIRED = _FIELDS - {"generation", "batch", "dropped", "schema"}
+_TYPES = {"id": str, "emotion": str, "topic": str, "kind": str, "split": str, "prompt": str, "text": str,
+          "model_id": str, "seed": int, "generation": dict, "batch": str, "dropped": (str, type(None)),
+          "schema": int}
 
 
-class CorruptCorpusError(ValueError):
+class CorruptCorpusError(UserError):
     """A corpus file has a line that is not a valid record."""
 
 
@@ -85,6 +90,10 @@ def _parse(line: str, path: Path, lineno: int) -> CorpusRecord:
         unknown = obj.keys() - _FIELDS
         if unknown:
             raise ValueError(f"unknown fields {sorted(unknown)}")
+        wrong = [f"{k}={obj[k]!r}" for k, tp in _TYPES.items()
+                 if k in obj and (not isinstance(obj[k], tp) or isinstance(obj[k], bool))]
+        if wrong:
+            raise ValueError(f"wrong type: {', '.join(wrong)[:120]}")
         if obj.get("schema", SCHEMA_VERSION) > SCHEMA_VERSION:
             raise ValueError(f"schema {obj['schema']} is newer than this saefeatures ({SCHEMA_VERSION})")
         return CorpusRecord(**obj)
@@ -104,16 +113,24 @@ def read_records(path: Path | str, skip_corrupt: bool = False) -> Iterator[Corpu
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Corpus file not found: {path}. Build one with `saefeatures corpus build`.")
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield _parse(line, path, lineno)
-            except CorruptCorpusError as e:
-                if not skip_corrupt:
-                    raise
-                log.warning("skipping %s", e)
+    lineno = 0
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield _parse(line, path, lineno)
+                except CorruptCorpusError as e:
+                    if not skip_corrupt:
+                        raise
+                    log.warning("skipping %s", e)
+    except (EOFError, OSError, UnicodeDecodeError, zlib.error) as e:
+        what = "truncated or not gzip" if path.suffix == ".gz" else "unreadable"
+        raise CorruptCorpusError(
+            f"{path}: {what} after line {lineno} ({type(e).__name__}: {e}). Copy or build the file again "
+            "(`saefeatures corpus build --out F --ship F.gz`), or give an intact corpus."
+        ) from None
 
 
 def load_corpus(
@@ -408,6 +425,20 @@ def corpus_stats(records: Iterable[CorpusRecord], all_records: Iterable[CorpusRe
     return stats
 
 
+def check_labels(records: Iterable[CorpusRecord], path: Path | str) -> None:
+    """Raise `CorruptCorpusError` on a record whose emotion, kind or split is not a known label."""
+    for r in records:
+        if r.emotion not in NON_EMOTION and r.emotion not in emo.NAMES:
+            try:
+                emo.get(r.emotion)
+            except emo.UnknownEmotionError as e:
+                raise CorruptCorpusError(f"{path}: record {r.id}: {e} Relabel or drop such records.") from None
+        for name, value, allowed in (("kind", r.kind, KINDS), ("split", r.split, prompts.SPLITS)):
+            if value not in allowed:
+                raise CorruptCorpusError(f"{path}: record {r.id} has {name} '{value}', expected one of "
+                                         f"{', '.join(allowed)}. Fix that record.")
+
+
 def check_splits(records: Iterable[CorpusRecord]) -> None:
     """Raise if a topic's texts fall in more than one split."""
     seen: dict[str, set[str]] = {}
@@ -415,21 +446,19 @@ def check_splits(records: Iterable[CorpusRecord]) -> None:
         seen.setdefault(r.topic, set()).add(r.split)
     leaks = {t: s for t, s in seen.items() if len(s) > 1}
     if leaks:
-        raise ValueError(f"Topics in several splits (splits must be topic-disjoint): {leaks}")
+        raise CorruptCorpusError(f"Topics in several splits (splits must be topic-disjoint): {leaks}")
 
 
 def validate_corpus(path: Path | str) -> dict[str, Any]:
     """Read every line strictly, check ids are unique, emotions known, splits topic-disjoint."""
     records = list(read_records(path))
+    if not any(r.dropped is None for r in records):
+        raise CorruptCorpusError(f"{path} holds no kept records. Build a corpus with `saefeatures corpus build`.")
     ids = Counter(r.id for r in records)
     dup = [i for i, c in ids.items() if c > 1]
     if dup:
-        raise ValueError(f"Duplicate record ids in {path}: {dup[:5]}")
-    for r in records:
-        if r.emotion not in NON_EMOTION:
-            emo.get(r.emotion)
-        if r.split not in prompts.SPLITS:
-            raise ValueError(f"{path}: record {r.id} has split '{r.split}', expected one of {prompts.SPLITS}")
+        raise CorruptCorpusError(f"Duplicate record ids in {path}: {dup[:5]}. Keep one record per id.")
+    check_labels(records, path)
     kept = [r for r in records if r.dropped is None]
     check_splits(kept)
     return corpus_stats(kept, records)

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +21,13 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor
 
 from . import emotions as emo
-from .files import load_safetensors, read_json, save_safetensors, write_json
+from .errors import UserError
+from .files import save_safetensors, write_json
 
 FORMAT_VERSION = 1
 
@@ -112,11 +116,28 @@ class EmotionDirections:
             if not f.is_file():
                 raise FileNotFoundError(f"{f} not found: `path` must be a directory written by EmotionDirections.save "
                                         "(e.g. RUN/directions/dense).")
-        meta = read_json(files[0])
-        tensors = load_safetensors(files[1])
-        return cls(meta["names"], meta["layer"], tensors["vectors"], meta["hook"], meta["recipe"],
-                   tensors.get("center"), {k: [(int(i), float(w)) for i, w in v] for k, v in meta["latents"].items()},
-                   meta.get("metadata", {}))
+        fix = "Save the directions again (EmotionDirections.save, or rerun the stage that wrote them)."
+        try:
+            meta = json.loads(files[0].read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:
+            raise UserError(f"{files[0]}: not valid JSON ({e}). {fix}") from None
+        keys = ("names", "layer", "hook", "recipe", "latents")
+        missing = [k for k in keys if not isinstance(meta, dict) or k not in meta]
+        if missing:
+            raise UserError(f"{files[0]} lacks the key(s) {', '.join(missing)}: not written by "
+                            f"EmotionDirections.save. {fix}")
+        try:
+            tensors = load_file(str(files[1]))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{files[1]}: unreadable or truncated safetensors file ({e}). {fix}") from None
+        if "vectors" not in tensors:
+            raise UserError(f"{files[1]} has no 'vectors' tensor (has {sorted(tensors)}). {fix}")
+        try:
+            latents = {k: [(int(i), float(w)) for i, w in v] for k, v in meta["latents"].items()}
+            return cls(meta["names"], meta["layer"], tensors["vectors"], meta["hook"], meta["recipe"],
+                       tensors.get("center"), latents, meta.get("metadata", {}))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise UserError(f"{path}: directions.json and directions.safetensors disagree ({e}). {fix}") from None
 
 
 def neutral_basis(neutral: Float[Tensor, "n d_model"], variance: float, max_pcs: int = 64) -> Float[Tensor, "k d_model"]:

@@ -18,6 +18,8 @@ from functools import cache
 from importlib.resources import files
 from pathlib import Path
 
+from .errors import UserError
+
 DATA = Path(str(files("saefeatures") / "data"))
 PAPER_FILE = DATA / "paper-emotions.txt"
 WARRINER_FILE = DATA / "warriner" / "Ratings_Warriner_et_al.csv"
@@ -40,7 +42,9 @@ class Emotion:
     """The Warriner entry the ratings come from (the word itself or its lemma)."""
 
 
-class UnknownEmotionError(KeyError):
+class UnknownEmotionError(UserError, KeyError):
+    """A name that is not one of the 171 emotions (a KeyError too, for lookups)."""
+
     def __str__(self) -> str:
         return str(self.args[0])
 

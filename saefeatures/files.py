@@ -25,16 +25,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .errors import UserError
+
 TMP_SUFFIX = ".tmp"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-class ArtifactWriteError(ValueError):
+class ArtifactWriteError(UserError):
     """An output file could not be written (read-only or full directory, ...)."""
 
 
-class CorruptArtifactError(ValueError):
+class CorruptArtifactError(UserError):
     """An artifact on disk is truncated or malformed."""
 
 

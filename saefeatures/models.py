@@ -36,6 +36,8 @@ from transformer_lens.pretrained.weight_conversions.gemma import convert_gemma_w
 from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
 from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
@@ -50,11 +52,14 @@ SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCaus
 # Layer used when a config names none: about two thirds of the depth, as in the paper,
 # or what a layer sweep picked for the model.
 DEFAULT_LAYERS = {EMBEDDED_NAME: 20, "gpt2-small": 8, "gemma-2-2b": 12, "llama-3.1-8b": 20}
+# (n_layers, d_model) of the models the configs name, so a config is checked before the model loads.
+KNOWN_SHAPES = {EMBEDDED_NAME: (30, 576), "gpt2-small": (12, 768), "google/gemma-2-2b": (26, 2304),
+                "meta-llama/Llama-3.1-8B": (32, 4096)}
 
 HF_TWIN_ATTR = "_saefeatures_hf_twin"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """A model could not be loaded; the message says what to do."""
 
 
@@ -455,8 +460,25 @@ def check_layer(model: HookedTransformer, layer: int) -> int:
     """Validate a layer index against the model, with the valid range in the error."""
     n = model.cfg.n_layers
     if not 0 <= layer < n:
-        raise ValueError(f"Layer {layer} is out of range for {model.cfg.model_name}: use 0..{n - 1}.")
+        raise UserError(f"Layer {layer} is out of range for {model.cfg.model_name}: use 0..{n - 1}.")
     return layer
+
+
+def known_shape(name_or_path: str) -> tuple[int, int] | None:
+    """(n_layers, d_model) of a model without loading it: the table of known models, or a local
+    checkpoint's config.json; None when only loading the model would tell."""
+    if name_or_path in KNOWN_SHAPES:
+        return KNOWN_SHAPES[name_or_path]
+    config = Path(name_or_path) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        c = json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{config}: not a readable JSON config ({e}). Save the checkpoint again with "
+                             "model.save_pretrained(dir).") from None
+    n_layers, d_model = c.get("num_hidden_layers", c.get("n_layer")), c.get("hidden_size", c.get("n_embd"))
+    return (n_layers, d_model) if isinstance(n_layers, int) and isinstance(d_model, int) else None
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:

@@ -25,7 +25,7 @@ from . import config as config_mod
 from .activations import PooledActivations, PooledStore, collect_pooled, hook_name, model_key, pooling_meta
 from .audit import AuditConfig, audit_corpus
 from .config import RunConfig
-from .corpus import DEFAULT_CORPUS, corpus_stats, load_corpus
+from .corpus import corpus_stats, load_corpus
 from .corpus_import import read_story_set, story_set_key
 from .directions import EmotionDirections, build_dense, build_sae
 from .evals.emobank import EMOBANK_FILE, load_emobank
@@ -34,7 +34,8 @@ from .evals.suite import DirectionReport, EvalData, evaluate_directions
 from .files import load_safetensors, read_json, save_figure, save_safetensors, write_json, write_text
 from .geometry import save_plots
 from .machine import machine_info, stage_dtypes
-from .models import check_layer, default_layer, load_model, model_identity, sha256_file
+from .models import check_layer, default_layer, known_shape, load_model, model_identity, sha256_file
+from .preflight import check_model, check_run, check_sae_config, corpus_path
 from .rundir import RunDir, key_of, package_versions
 from .scoring import LatentScores, score_latents
 from .tracking import Tracker
@@ -108,10 +109,6 @@ def smoke_reply(model, prompt: str, max_new_tokens: int = 40) -> str:
 
     gen = Generator(hf_twin(model), model.tokenizer, GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0))
     return gen.generate([prompt], seed=0)[0].strip()
-
-
-def corpus_path(cfg: RunConfig) -> Path:
-    return Path(cfg.corpus.path) if cfg.corpus.path else DEFAULT_CORPUS
 
 
 def stage_corpus(study: Study) -> None:
@@ -281,14 +278,19 @@ def report_directions(study: Study, dirs: EmotionDirections, data: EvalData, sec
 
 
 def open_study(cfg: RunConfig, out: Path | str, config_path: str | None = None, model=None) -> Study:
-    """Open (and lock) the run directory, then load the model (unless given; with a smoke reply)
-    and the corpus. The directory is checked first, so a locked or unwritable one fails at once."""
+    """Check the config and the files it names (`check_run`), open (and lock) the run directory,
+    then load the model (unless given; with a smoke reply) and the corpus. Checks come first,
+    so bad input, a locked or an unwritable directory fail before any slow work."""
+    check_run(cfg, model)
     run = RunDir.open(out)
     run.manifest.update({"config": config_mod.to_dict(cfg), "config_path": config_path,
                          "packages": package_versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     with run.stage("model"):
         if model is None:
             model = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
+    if known_shape(cfg.model.name) is None:  # a hub model: its depth and width are known now
+        check_model(cfg, model)
+        check_sae_config(cfg, model)
     identity = model_identity(model)
     layer = cfg.model.layer if cfg.model.layer is not None else default_layer(cfg.model.name, model.cfg.n_layers)
     for checked in {layer, *cfg.activations.layers}:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
+from .errors import UserError
 from .files import CorruptArtifactError, read_json, remove_stale_temps, write_json
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ LOAD_ERRORS = (CorruptArtifactError, SafetensorError, FileNotFoundError, KeyErro
 T = TypeVar("T")
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
     """A run directory that cannot be used as asked: locked by another run, or not writable."""
 
 

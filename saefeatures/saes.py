@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .emotions import DATA
+from .errors import UserError
 from .files import read_json, write_json
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"  # SAELens' file 
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|mid|post)$")
 
 
-class SAELoadError(ValueError):
+class SAELoadError(UserError):
     """An SAE could not be loaded; the message says what to do."""
 
 
@@ -250,11 +251,19 @@ def shipped_sae_dir(model_name: str, layer: int) -> Path:
     return path
 
 
-def _read_local(path: Path, device: str, dtype: str | None) -> SAE:
-    from sae_lens import SAE
+def check_sae_files(path: str | Path, hook: str | None = None, d_model: int | None = None) -> dict[str, Any]:
+    """Check a SAELens directory from its cfg.json and the weights' safetensors header, without
+    loading the weights: both files readable and whole, shapes equal to cfg.json's d_in and d_sae,
+    and (when given) the hook read and the model width. Returns the parsed cfg.json.
 
-    if not path.exists():
-        raise FileNotFoundError(
+    Example:
+        >>> check_sae_files("runs/sae/smollm2-135m-instruct-L20/sae", hook="blocks.20.hook_resid_post", d_model=576)
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_dir():
+        raise SAELoadError(
             f"No SAE directory at {path}. Train one with `saefeatures sae train --config CONFIG`, "
             "point sae.path at a directory saved by SAELens (cfg.json + sae_weights.safetensors), "
             "or use sae.source: pretrained with a release and sae_id."
@@ -266,10 +275,66 @@ def _read_local(path: Path, device: str, dtype: str | None) -> SAE:
             "with sae.save_model(dir) (SAELens), or rerun `saefeatures sae train` to finish the run."
         )
     try:
+        cfg = json.loads((path / CFG_FILE).read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise SAELoadError(f"{path / CFG_FILE}: not valid JSON ({e}). Restore the SAE's cfg.json "
+                           "(SAELens writes it with sae.save_model).") from None
+    dims = {k: cfg.get(k) if isinstance(cfg, dict) else None for k in ("d_in", "d_sae")}
+    bad = [k for k, v in dims.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0]
+    if bad:
+        raise SAELoadError(f"{path / CFG_FILE}: {' and '.join(bad)} missing or not a positive integer; "
+                           "this is not a SAELens 6 config. Restore it (SAELens writes it with sae.save_model).")
+    try:
+        with safe_open(str(path / WEIGHTS_FILE), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise SAELoadError(f"{path / WEIGHTS_FILE}: unreadable or truncated safetensors file ({e}). "
+                           "Copy or save the SAE again.") from None
+    d_in, d_sae = dims["d_in"], dims["d_sae"]
+    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in)}
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise SAELoadError(f"{path / WEIGHTS_FILE} has no '{name}' tensor (has {sorted(shapes)}); "
+                               "it is not a SAELens SAE. Save the SAE again with sae.save_model(dir).")
+        if shapes[name] != shape:
+            raise SAELoadError(
+                f"{path}: {WEIGHTS_FILE} holds {name} of shape {list(shapes[name])}, but {CFG_FILE} says "
+                f"d_in {d_in}, d_sae {d_sae} (expects {list(shape)}). Fix d_in/d_sae in {CFG_FILE} to "
+                "match the weights, or restore the matching weights.")
+    sae_hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
+    if not sae_hook:
+        raise SAELoadError(f"{path / CFG_FILE} names no hook (metadata.hook_name). Add it, e.g. "
+                           '"metadata": {"hook_name": "blocks.20.hook_resid_post"}.')
+    if hook is not None and not same_activation(sae_hook, hook):
+        raise SAEMismatchError(
+            f"Hook mismatch: the SAE in {path} reads '{sae_hook}', but the config studies '{hook}'. "
+            f"Set model.layer (or sae.hook) to the SAE's layer, or load an SAE trained at '{hook}'.")
+    if d_model is not None and d_in != d_model:
+        raise SAEMismatchError(
+            f"Width mismatch: the SAE in {path} has input width d_in {d_in}, but the model has d_model "
+            f"{d_model}. Load an SAE trained on this model.")
+    return cfg
+
+
+def _read_local(path: Path, device: str, dtype: str | None) -> SAE:
+    from sae_lens import SAE
+
+    if not path.exists():
+        raise FileNotFoundError(
+            f"No SAE directory at {path}. Train one with `saefeatures sae train --config CONFIG`, "
+            "point sae.path at a directory saved by SAELens (cfg.json + sae_weights.safetensors), "
+            "or use sae.source: pretrained with a release and sae_id."
+        )
+    check_sae_files(path)
+    try:
         return SAE.load_from_disk(path, device=device, dtype=dtype)
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise SAELoadError(f"Could not read the SAE in {path} ({type(e).__name__}: {e}); "
                            "its cfg.json is not a SAELens 6 config.") from None
+    except RuntimeError as e:  # a state_dict that does not fit the config (check_sae_files covers W_enc/W_dec)
+        detail = str(e).splitlines()[-1].strip()
+        raise SAELoadError(f"The weights in {path / WEIGHTS_FILE} do not fit its {CFG_FILE} ({detail}). "
+                           "Restore the matching cfg.json and weights.") from None
 
 
 def _read_pretrained(release: str, sae_id: str, device: str, dtype: str) -> SAE:
@@ -359,8 +424,12 @@ def sae_info(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not (path / CFG_FILE).is_file():
         raise FileNotFoundError(f"No SAE config at {path / CFG_FILE}. Give a SAELens SAE directory.")
-    cfg = json.loads((path / CFG_FILE).read_text())
-    meta = cfg.get("metadata", {})
+    try:
+        cfg = json.loads((path / CFG_FILE).read_text(encoding="utf-8"))
+        meta = cfg.get("metadata", {})
+    except (ValueError, AttributeError) as e:
+        raise SAELoadError(f"{path / CFG_FILE}: not a SAELens JSON config ({e}). Restore it "
+                           "(SAELens writes it with sae.save_model).") from None
     info: dict[str, Any] = {
         "path": str(path), "architecture": cfg.get("architecture"), "d_in": cfg.get("d_in"),
         "d_sae": cfg.get("d_sae"), "k": cfg.get("k"), "dtype": cfg.get("dtype"),

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -41,6 +42,7 @@ from torch import Tensor
 
 from . import emotions as emo
 from .directions import EmotionDirections
+from .errors import UserError
 from .files import write_json
 from .hf_hooks import PositionState, parse_hook_name, tl_named_hooks
 from .rundir import key_of
@@ -77,7 +79,7 @@ NEUTRAL_TEXTS = (
 """Emotionally flat texts the residual norm is measured on when no others are given."""
 
 
-class SteeringError(ValueError):
+class SteeringError(UserError):
     """A steering spec cannot be applied; the message says what to change."""
 
 
@@ -112,6 +114,14 @@ class SteeringSpec:
                 raise SteeringError(f"steering {name} must be one of {', '.join(allowed)}; got '{value}'.")
         for name in self.emotions:
             emo.get(name)  # UnknownEmotionError with suggestions
+        bad = [f"{k}={v}" for k, v in self.emotions.items() if not math.isfinite(v)]
+        bad += [f"latent {k}={v}" for k, v in self.latents.items() if not math.isfinite(v)]
+        if bad:
+            raise SteeringError(f"Steering values must be finite numbers; got {', '.join(bad)} "
+                                "(e.g. desperate=0.05, calm=-0.1).")
+        negative = [k for k in self.latents if k < 0]
+        if negative:
+            raise SteeringError(f"SAE latent ids are 0 or more; got {negative}.")
         if not self.emotions and not self.latents:
             raise SteeringError("The steering spec names no emotion and no latent: give emotions "
                                 "(e.g. desperate=0.05) or latents (e.g. 1234=8).")
@@ -145,9 +155,11 @@ def parse_assignments(items: Sequence[str], key_type: type = str) -> dict[Any, f
         if not sep or not key.strip():
             raise SteeringError(f"'{item}' is not NAME=VALUE (e.g. desperate=0.5 or 1234=8).")
         try:
-            out[key_type(key.strip())] = float(value)
+            out[key_type(key.strip())] = number = float(value)
         except ValueError:
             raise SteeringError(f"'{item}': expected NAME=NUMBER, e.g. desperate=0.5.") from None
+        if not math.isfinite(number):
+            raise SteeringError(f"'{item}': the value must be a finite number, e.g. desperate=0.5.")
     return out
 
 

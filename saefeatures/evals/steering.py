@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import math
 import random
@@ -50,7 +49,7 @@ from scipy.stats import spearmanr
 from .. import emotions as emo
 from ..activations import model_key
 from ..directions import EmotionDirections
-from ..files import read_json, save_figure
+from ..files import read_json, save_figure, write_json
 from ..steering import (Generation, Steering, SteeringError, SteeringSpec, generate_steered_full,
                         residual_norm, steered)
 from .activities import ACTIVITIES, Activity
@@ -339,6 +338,20 @@ def method_source(method: str, dirs_by_recipe: dict[str, EmotionDirections]) -> 
     return dirs, "clamp" if clamp else "direction", note
 
 
+def check_strengths(strengths: Sequence[float]) -> list[float]:
+    """The dose-response strengths sorted, or `SteeringError`: they must hold 0 (the unsteered
+    baseline) and positive finite values; the curves measure steering toward each emotion."""
+    ordered = sorted(strengths)
+    if not all(math.isfinite(s) for s in ordered) or len(ordered) < 2 or ordered[0] != 0 or ordered[1] <= 0:
+        negative = (" (negative ones steer away, which these curves do not measure: give 0 and positive values; "
+                    "to steer away, use `saefeatures steer --emotion NAME=-0.1`)") if ordered and ordered[0] < 0 else ""
+        raise SteeringError(f"steering.strengths must hold 0 (the unsteered baseline) and at least one positive "
+                            f"finite strength{negative}; got {list(strengths)}.")
+    if len(set(ordered)) != len(ordered):
+        raise SteeringError(f"steering.strengths has repeated values: {list(strengths)}. List each strength once.")
+    return ordered
+
+
 def dose_response(
     model: HookedTransformer,
     dirs_by_recipe: dict[str, EmotionDirections],
@@ -348,9 +361,7 @@ def dose_response(
     norm: float,
 ) -> list[Curve]:
     """Curves of every (emotion, method) in the config; one baseline generation is shared."""
-    strengths = sorted(cfg.strengths)
-    if len(strengths) < 2 or strengths[0] != 0:
-        raise SteeringError("steering.strengths must start at 0 (the unsteered baseline) and hold more values.")
+    strengths = check_strengths(cfg.strengths)
     prompts = [p for p in cfg.prompts for _ in range(cfg.samples_per_prompt)]
     gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
                       repetition_penalty=cfg.repetition_penalty, batch_size=cfg.batch_size, backend="hf")

@@ -1,0 +1,10 @@
+"""The error type for bad input: a config, a file or an argument the user can fix.
+
+The command line prints a `UserError` as one line (``error: ...``) and exits 2; every other
+exception is a bug and keeps its traceback under ``--debug``. Loaders raise it (or a subclass)
+with the file and the fix in the message.
+"""
+
+
+class UserError(ValueError):
+    """Bad input from the user: the message names what is wrong, where, and the fix."""

@@ -1,0 +1,315 @@
+"""Every bad input to the command line ends in one line, ``error: ...``, exit status 2, before the
+model loads (loading it fails these tests), and without a traceback unless ``--debug``."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from saefeatures import cli
+from saefeatures.corpus import CorpusRecord
+
+EMOTIONS = ("happy", "sad", "afraid", "calm")
+
+
+@pytest.fixture(autouse=True)
+def no_model_load(monkeypatch):
+    """Loading the model is the slow work every check must come before: here it fails the test."""
+    import saefeatures.layer_sweep
+    import saefeatures.models
+    import saefeatures.pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was found")
+
+    for module in (saefeatures.models, saefeatures.pipeline, saefeatures.layer_sweep):
+        monkeypatch.setattr(module, "load_model", refuse)
+    monkeypatch.setattr(saefeatures.models, "load_hf", refuse)
+
+
+def fails(argv: list[str], capsys) -> str:
+    """Run the CLI; assert exit 2 and a single ``error:`` line on stderr; return that line."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def record(i: int, emotion: str, split: str, **changes) -> dict:
+    topic = f"{split}-topic-{i % 2}"
+    kind = "neutral" if emotion == "neutral" else "story"
+    rec = CorpusRecord(id=f"{emotion}-{split}-{i}", emotion=emotion, topic=topic, kind=kind, split=split,
+                       prompt="Write a story.", text="A short text about a day in town. " * 3, model_id="m", seed=0)
+    return {**json.loads(rec.to_json()), **changes}
+
+
+def corpus_lines(emotions=EMOTIONS, splits=("train", "test")) -> list[dict]:
+    return [record(i, e, s) for s in splits for e in (*emotions, "neutral") for i in range(2)]
+
+
+def write_corpus(path, rows: list[dict]) -> str:
+    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    if str(path).endswith(".gz"):
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
+    return str(path)
+
+
+def write_config(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def write_sae(path, d_in=576, d_sae=64, hook="blocks.20.hook_resid_post", weights_d_sae=None, **cfg_changes):
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {"architecture": "standard", "d_in": d_in, "d_sae": d_sae, "dtype": "float32",
+           "metadata": {"hook_name": hook}, **cfg_changes}
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    n = weights_d_sae or d_sae
+    save_file({"W_enc": torch.zeros(d_in, n), "W_dec": torch.zeros(n, d_in), "b_enc": torch.zeros(n),
+               "b_dec": torch.zeros(d_in)}, str(path / "sae_weights.safetensors"))
+    return path
+
+
+def run(tmp_path, config_text: str) -> list[str]:
+    return ["run", write_config(tmp_path / "c.yaml", config_text), "--out", tmp_path / "out"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("modle:\n  layer: 3\n", r"Unknown config key\(s\): modle"),
+    ("model:\n  layer: twenty\n", r"model\.layer: expected int"),
+    ("model:\n  layer: 40\n", r"model\.layer: layer 40 is out of range .*use 0\.\.29"),
+    ("activations:\n  layers: [31]\n", r"activations\.layers: layer 31 is out of range"),
+    ("", r"c\.yaml is empty\. Start from a config in configs/"),
+    ("# only a comment\n", r"c\.yaml is empty"),
+    ("model:\n  name: [x\n", r"c\.yaml:\d+:\d+: YAML syntax error"),
+    ("model:\n  dtype: float64\n", r"model\.dtype: 'float64' is not one of"),
+    ("steering:\n  strengths: [-0.1, 0.0, 0.1]\n", r"steering\.strengths must hold 0 .*negative ones steer away"),
+    ("steering:\n  strengths: [0.1, 0.2]\n", r"steering\.strengths must hold 0 \(the unsteered baseline\)"),
+    ("steering:\n  emotions: [happy, hapy]\n", r"steering\.emotions: Unknown emotion 'hapy'\. Did you mean: happy"),
+    ("steering:\n  methods: [dense, pca]\n", r"steering\.methods: 'pca' is not one of"),
+    ("monitor:\n  emotions: [afraid, scarred]\n", r"monitor\.emotions: Unknown emotion 'scarred'"),
+    ("sae:\n  source: hub\n", r"sae\.source: 'hub' is not one of local, pretrained, train"),
+    ("model:\n  name: no-such-model-xyz\n", r"model\.name: 'no-such-model-xyz' is neither"),
+])
+def test_bad_config(tmp_path, capsys, text, message):
+    err = fails(run(tmp_path, text), capsys)
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()  # nothing written either
+
+
+def bad_corpus(tmp_path, case: str) -> str:
+    rows = corpus_lines()
+    name = "c.jsonl"
+    if case == "corrupt line":
+        rows[1] = '{"id": "x", "emotion": '
+    elif case == "unknown emotion":
+        rows[0] = record(0, "hapy", "train")
+    elif case == "missing field":
+        rows[0] = {k: v for k, v in rows[0].items() if k != "topic"}
+    elif case == "null text":
+        rows[0]["text"] = None
+    elif case == "empty":
+        rows = []
+    elif case == "two emotions":
+        rows = corpus_lines(emotions=("happy", "sad"))
+    elif case == "no test topics":
+        rows = corpus_lines(splits=("train",))
+    elif case == "truncated gzip":
+        name = "c.jsonl.gz"
+    path = write_corpus(tmp_path / name, rows)
+    if case == "truncated gzip":
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("corrupt line", r"c\.jsonl:2: corrupt corpus line"),
+    ("unknown emotion", r"c\.jsonl: record hapy-train-0: Unknown emotion 'hapy'"),
+    ("missing field", r"c\.jsonl:1: corrupt corpus line \(missing fields \['topic'\]\)"),
+    ("null text", r"c\.jsonl:1: corrupt corpus line \(wrong type: text=None\)"),
+    ("empty", r"c\.jsonl holds no kept records"),
+    ("two emotions", r"train split has 2 emotion\(s\) with valence ratings .*at least 3"),
+    ("no test topics", r"no emotion records in split 'test' \(evals\.split\)"),
+    ("truncated gzip", r"c\.jsonl\.gz: truncated or not gzip after line \d+ \(EOFError"),
+])
+def test_bad_corpus(tmp_path, capsys, case, message):
+    path = bad_corpus(tmp_path, case)
+    err = fails(run(tmp_path, f"corpus:\n  path: {path}\n"), capsys)
+    assert re.search(message, err), err
+
+
+def test_corpus_without_a_steered_emotion(tmp_path, capsys):
+    path = write_corpus(tmp_path / "c.jsonl", corpus_lines())  # no 'desperate' (a default monitor emotion)
+    err = fails(run(tmp_path, f"corpus:\n  path: {path}\n"), capsys)
+    assert "monitor.emotions: desperate not in the corpus's train split" in err
+
+
+def test_good_small_corpus_gets_past_the_checks(tmp_path, capsys):
+    """The same tiny corpus with the named emotions passes every check and reaches the model load."""
+    path = write_corpus(tmp_path / "c.jsonl", corpus_lines(emotions=(*EMOTIONS, "desperate")))
+    with pytest.raises(SystemExit):
+        cli.main([str(a) for a in run(tmp_path, f"corpus:\n  path: {path}\n")])
+    assert "the model was loaded" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("width", r"sae_weights\.safetensors holds W_enc of shape \[576, 64\], but cfg\.json says d_in 576, d_sae 100"),
+    ("hook", r"Hook mismatch: the SAE in .* reads 'blocks\.6\.hook_resid_post', but the config studies "
+             r"'blocks\.20\.hook_resid_post'"),
+    ("d_model", r"Width mismatch: the SAE in .* has input width d_in 32, but the model has d_model 576"),
+    ("no weights", r"not a SAELens SAE directory: sae_weights\.safetensors missing"),
+    ("bad cfg.json", r"cfg\.json: not valid JSON"),
+    ("no d_sae", r"cfg\.json: d_sae missing or not a positive integer"),
+    ("truncated", r"sae_weights\.safetensors: unreadable or truncated safetensors file"),
+    ("missing dir", r"No SAE directory at"),
+])
+def test_bad_sae(tmp_path, capsys, case, message):
+    sae = tmp_path / "sae"
+    if case == "width":
+        write_sae(sae, d_sae=100, weights_d_sae=64)
+    elif case == "hook":
+        write_sae(sae, hook="blocks.6.hook_resid_post")
+    elif case == "d_model":
+        write_sae(sae, d_in=32)
+    elif case == "no weights":
+        write_sae(sae)
+        (sae / "sae_weights.safetensors").unlink()
+    elif case == "bad cfg.json":
+        write_sae(sae)
+        (sae / "cfg.json").write_text('{"d_in": 576,')
+    elif case == "no d_sae":
+        write_sae(sae)
+        (sae / "cfg.json").write_text(json.dumps({"d_in": 576, "metadata": {"hook_name": "x"}}))
+    elif case == "truncated":
+        write_sae(sae)
+        data = (sae / "sae_weights.safetensors").read_bytes()
+        (sae / "sae_weights.safetensors").write_bytes(data[:-100])
+    err = fails(run(tmp_path, f"sae:\n  path: {sae}\n"), capsys)
+    assert re.search(message, err), err
+
+
+def test_sae_width_mismatch_when_loading_is_one_clear_error(tmp_path):
+    """The loader itself (not only the pre-check) names the file instead of a state_dict traceback."""
+    from saefeatures.saes import SAELoadError, load_sae
+
+    sae = write_sae(tmp_path / "sae", d_sae=100, weights_d_sae=64)
+    with pytest.raises(SAELoadError, match="holds W_enc of shape"):
+        load_sae(sae)
+
+
+def write_directions(path, names=("happy", "sad", "afraid")) -> str:
+    from saefeatures.directions import EmotionDirections
+
+    EmotionDirections(list(names), 20, torch.nn.functional.normalize(torch.randn(len(names), 576), dim=1)).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing key", r"directions\.json lacks the key\(s\) hook: not written by EmotionDirections\.save"),
+    ("truncated", r"directions\.safetensors: unreadable or truncated safetensors file"),
+    ("bad json", r"directions\.json: not valid JSON"),
+    ("missing dir", r"directions\.json not found"),
+])
+def test_bad_directions(tmp_path, capsys, case, message):
+    d = tmp_path / "dirs"
+    if case != "missing dir":
+        write_directions(d)
+    if case == "missing key":
+        meta = json.loads((d / "directions.json").read_text())
+        del meta["hook"]
+        (d / "directions.json").write_text(json.dumps(meta))
+    elif case == "truncated":
+        data = (d / "directions.safetensors").read_bytes()
+        (d / "directions.safetensors").write_bytes(data[:-64])
+    elif case == "bad json":
+        (d / "directions.json").write_text("{")
+    err = fails(["geometry", d], capsys)
+    assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--emotion", "happy=inf"], r"'happy=inf': the value must be a finite number"),
+    (["--emotion", "happy=nan"], r"'happy=nan': the value must be a finite number"),
+    (["--emotion", "happy=lots"], r"'happy=lots': expected NAME=NUMBER"),
+    (["--emotion", "hapy=0.1"], r"Unknown emotion 'hapy'\. Did you mean: happy"),
+    (["--emotion", "happy=0.1"], r"--emotion needs --directions DIR"),
+    (["--emotion", "calm=0.1", "--directions", "DIRS"], r"calm not in the directions at"),
+    (["--latent=-3=1"], r"SAE latent ids are 0 or more"),
+    (["--latent", "5=1", "--config", "LAYER10"], r"--latent needs an SAE.*No SAE is shipped for "
+                                                 r"smollm2-135m-instruct layer 10.*Or give --sae DIR"),
+    (["--latent", "5=1", "--sae", "MISSING"], r"No SAE directory at"),
+])
+def test_bad_steering_arguments(tmp_path, capsys, args, message):
+    subst = {"DIRS": lambda: write_directions(tmp_path / "dirs"),
+             "LAYER10": lambda: write_config(tmp_path / "c.yaml", "model:\n  layer: 10\n"),
+             "MISSING": lambda: str(tmp_path / "nope")}
+    args = [subst[a]() if a in subst else a for a in args]
+    err = fails(["steer", *args], capsys)
+    assert re.search(message, err), err
+
+
+def test_other_subcommands_check_before_loading(tmp_path, capsys):
+    cfg = write_config(tmp_path / "c.yaml", "model:\n  layer: 99\n")
+    for argv in (["sae", "train", "--config", cfg], ["sae", "eval", "--config", cfg],
+                 ["corpus", "build", "--config", cfg, "--out", tmp_path / "b.jsonl"],
+                 ["activations", cfg, "--out", tmp_path / "o"], ["score", cfg, "--out", tmp_path / "o"],
+                 ["directions", "build", cfg, "--out", tmp_path / "o"], ["steer", "--config", cfg]):
+        assert "layer 99 is out of range" in fails(argv, capsys), argv
+    assert "expected comma-separated integers" in fails(
+        ["sweep", "configs/smollm2-135m.yaml", "--layers", "8,x", "--out", tmp_path / "s"], capsys)
+    assert "layer 31 is out of range" in fails(
+        ["sweep", "configs/smollm2-135m.yaml", "--layers", "8,31", "--out", tmp_path / "s"], capsys)
+    assert "Unknown emotion 'hapy'" in fails(
+        ["corpus", "build", "--emotions", "happy,hapy", "--out", tmp_path / "b.jsonl"], capsys)
+
+
+def test_corpus_validate_rejects_an_empty_corpus(tmp_path, capsys):
+    empty = tmp_path / "c.jsonl"
+    empty.write_text("")
+    assert "holds no kept records" in fails(["corpus", "validate", empty], capsys)
+    unknown = write_corpus(tmp_path / "u.jsonl", [record(0, "hapy", "train")])
+    assert "Unknown emotion 'hapy'" in fails(["corpus", "validate", unknown], capsys)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from saefeatures.config import ConfigError
+
+    cfg = write_config(tmp_path / "c.yaml", "model:\n  layer: 40\n")
+    with pytest.raises(ConfigError, match="out of range"):
+        cli.main(["run", cfg, "--out", str(tmp_path / "out"), "--debug"])
+    with pytest.raises(ConfigError, match="out of range"):
+        cli.main(["--debug", "run", cfg, "--out", str(tmp_path / "out")])
+
+
+def test_a_bug_is_one_line_with_exit_1(monkeypatch, capsys):
+    from saefeatures.directions import EmotionDirections
+
+    def broken(path):
+        raise KeyError("hook")
+
+    monkeypatch.setattr(EmotionDirections, "load", broken)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["geometry", "somewhere"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 1
+    assert err == "error: KeyError: 'hook' (unexpected; rerun with --debug for the traceback)"
+
+
+@pytest.mark.parametrize("args", [["--emotion", "happy=-0.2", "--directions", "DIRS"], ["--latent", "5=1"],
+                                  ["--emotion", "sad=0.1", "--directions", "DIRS", "--method", "clamp"]])
+def test_good_steering_arguments_get_past_the_checks(tmp_path, capsys, args):
+    """Negative strengths steer away; the shipped SAE serves --latent: these reach the model load."""
+    args = [write_directions(tmp_path / "dirs") if a == "DIRS" else a for a in args]
+    with pytest.raises(SystemExit):
+        cli.main(["steer", *args])
+    assert "the model was loaded" in capsys.readouterr().err
