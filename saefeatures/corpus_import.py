@@ -25,13 +25,14 @@ from typing import Any
 from . import emotions as emo
 from . import prompts
 from .corpus import NON_EMOTION, CorpusRecord, check_splits, corpus_stats, validate_corpus
+from .errors import UserError
 
 REQUIRED = ("emotion", "topic", "text")
 SPLIT_FRACTIONS = (0.7, 0.85)
 """Cumulative shares of topics in train and train+val (as `prompts.topic_split`)."""
 
 
-class StorySetError(ValueError):
+class StorySetError(UserError):
     """A story file is missing, malformed, or cannot be imported as a corpus."""
 
 

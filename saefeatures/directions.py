@@ -120,7 +120,7 @@ class EmotionDirections:
         try:
             meta = json.loads(files[0].read_text(encoding="utf-8"))
         except (ValueError, OSError) as e:
-            raise UserError(f"{files[0]}: not valid JSON ({e}). {fix}") from None
+            raise UserError(f"{files[0]} is corrupt: not valid JSON ({e}). {fix}") from None
         keys = ("names", "layer", "hook", "recipe", "latents")
         missing = [k for k in keys if not isinstance(meta, dict) or k not in meta]
         if missing:
@@ -129,7 +129,7 @@ class EmotionDirections:
         try:
             tensors = load_file(str(files[1]))
         except (SafetensorError, OSError) as e:
-            raise UserError(f"{files[1]}: unreadable or truncated safetensors file ({e}). {fix}") from None
+            raise UserError(f"{files[1]} is corrupt: unreadable or truncated safetensors file ({e}). {fix}") from None
         if "vectors" not in tensors:
             raise UserError(f"{files[1]} has no 'vectors' tensor (has {sorted(tensors)}). {fix}")
         try:

@@ -216,8 +216,8 @@ def write_directions(path, names=("happy", "sad", "afraid")) -> str:
 
 @pytest.mark.parametrize("case, message", [
     ("missing key", r"directions\.json lacks the key\(s\) hook: not written by EmotionDirections\.save"),
-    ("truncated", r"directions\.safetensors: unreadable or truncated safetensors file"),
-    ("bad json", r"directions\.json: not valid JSON"),
+    ("truncated", r"directions\.safetensors is corrupt: unreadable or truncated safetensors file"),
+    ("bad json", r"directions\.json is corrupt: not valid JSON"),
     ("missing dir", r"directions\.json not found"),
 ])
 def test_bad_directions(tmp_path, capsys, case, message):

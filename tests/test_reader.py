@@ -66,6 +66,7 @@ def test_readable_skips_unknown_and_needs_two_in_common(tmp_path):
         readable(dirs.subset(["joyful"]), read_story_set(tmp_path / "s.jsonl"))
 
 
+@pytest.mark.dtype  # the stories are read in the dtype 'auto' resolves to
 @pytest.mark.skipif(not BENCH.is_dir(), reason="needs ../shared/data/emotion-vector-bench")
 def test_read_stories_with_the_model(model, tmp_path):
     """Directions from some of emotion-vector-bench's topics read stories of its other topics well
