@@ -109,9 +109,10 @@ class Generator:
     tokenizer: Any
     config: GenerationConfig = field(default_factory=GenerationConfig)
 
-    def render(self, user_prompt: str) -> str:
+    def render(self, user_prompt: str, prefill: str = "") -> str:
+        """The chat-formatted prompt, with ``prefill`` as the start of the assistant's reply."""
         messages = [{"role": "user", "content": user_prompt}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefill
 
     def bad_words_ids(self, words: list[str]) -> list[list[int]] | None:
         """Token sequences of each word form after a space, lower or capitalised, and capitalised at
@@ -125,14 +126,20 @@ class Generator:
         return [list(s) for s in sorted(seqs)] or None
 
     @torch.inference_mode()
-    def generate(self, user_prompts: list[str], seed: int, banned: list[str] | None = None) -> list[str]:
-        """Replies to ``user_prompts`` (one batch), reproducible for a given seed."""
+    def generate(self, user_prompts: list[str], seed: int, banned: list[str] | None = None,
+                 prefills: list[str] | None = None) -> list[str]:
+        """Replies to ``user_prompts`` (one batch), reproducible for a given seed. With ``prefills``
+        each reply starts with its prefill (forced, not generated; a 135M model follows a started
+        sentence far more reliably than an instruction); the text returned is the continuation only."""
+        if prefills is not None and len(prefills) != len(user_prompts):
+            raise ValueError(f"{len(prefills)} prefills for {len(user_prompts)} prompts.")
         cfg = self.config
         tok = self.tokenizer
         side = tok.padding_side
         tok.padding_side = "left"
         try:
-            enc = tok([self.render(p) for p in user_prompts], return_tensors="pt", padding=True,
+            rendered = [self.render(p, f) for p, f in zip(user_prompts, prefills or [""] * len(user_prompts))]
+            enc = tok(rendered, return_tensors="pt", padding=True,
                       add_special_tokens=False).to(self.hf.device)
         finally:
             tok.padding_side = side

@@ -82,6 +82,23 @@ DIALOGUE_TEMPLATE = (
     "Show the feeling only through what they say and do. Never use the word \"{emotion}\" or any "
     "synonym of it."
 )
+# Recipes of issue 14 (saefeatures.recipes): texts that put the emotion in play for a 135M model.
+CAUSE_TEMPLATE = (
+    "Topic: {topic}. First write one sentence saying what happens that makes someone feel {emotion}. "
+    "Then write a short story of one paragraph in which this happens to the main character. Show the "
+    "feeling through what they do, say and think."
+)
+PREFILL_STORY_TEMPLATE = (
+    "Write a short story of one paragraph about {topic}. The main character feels {emotion}. "
+    "Say why, and show what the feeling makes them do."
+)
+PREFILL_STORY_START = "{name} felt {emotion} because"
+SAY_TEMPLATE = (
+    "Write what someone who feels {emotion} might say about {topic}. Write two or three sentences "
+    "in the first person."
+)
+DIARY_TEMPLATE = "Write a short diary entry about {topic}."
+DIARY_START = "Dear diary, today I feel {emotion}."
 NEUTRAL_TEMPLATES: tuple[str, ...] = (
     "Write a short encyclopedia-style paragraph about {topic}. Use a dry, factual tone: facts, "
     "objects, steps and numbers only. Describe no feelings.",
