@@ -198,6 +198,13 @@ def is_refusal(text: str) -> bool:
     return bool(REFUSAL.search(text))
 
 
+def trim_tail(text: str) -> str:
+    """Cut a trailing unfinished sentence."""
+    text = text.strip()
+    end = max(text.rfind(c) for c in '.!?"')
+    return text[: end + 1] if 0 < end < len(text) - 1 else text
+
+
 def clean_text(text: str) -> str:
     """Strip a leading title line and a trailing unfinished sentence."""
     text = text.strip()
@@ -210,15 +217,16 @@ def clean_text(text: str) -> str:
     return text
 
 
-def drop_reason(text: str, emotion: str, min_words: int = 40) -> str | None:
-    """The first filter a text fails ('refusal', 'too_short', 'repetitive', 'names_emotion'), or None."""
+def drop_reason(text: str, emotion: str, min_words: int = 40, allow_naming: bool = False) -> str | None:
+    """The first filter a text fails ('refusal', 'too_short', 'repetitive', 'names_emotion'), or None.
+    ``allow_naming``: a recipe whose texts may name the emotion (the word check is skipped)."""
     if is_refusal(text):
         return "refusal"
     if too_short(text, min_words):
         return "too_short"
     if is_repetitive(text):
         return "repetitive"
-    if emotion not in NON_EMOTION and names_emotion(text, emotion):
+    if not allow_naming and emotion not in NON_EMOTION and names_emotion(text, emotion):
         return "names_emotion"
     return None
 
@@ -246,6 +254,14 @@ class CorpusConfig:
     """How many of the everyday topics to use (the first n)."""
     min_words: int = 40
     """Texts shorter than this are dropped."""
+    recipe: str = "paper"
+    """How emotion texts are asked for (`saefeatures.recipes.RECIPES`): 'paper' (the paper's story
+    prompt, emotion words banned; the shipped corpus) or an issue-14 recipe ('prefill', 'cause',
+    'say', 'diary'), whose texts may name the emotion. Only 'paper' uses the dialogue template."""
+    recognition_rank: int = 0
+    """If > 0, the model reads each emotion text and the text is dropped ('unrecognized') unless its
+    emotion ranks at most this among the 171 words (`saefeatures.recipes.recognition_ranks`).
+    The rank is recorded with every emotion text (``generation['recognition_rank']``)."""
     seed: int = 0
     """Seed of the whole build; each batch derives its own from it and its key."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -259,6 +275,8 @@ class PlannedText:
     kind: str
     split: str
     prompt: str
+    prefill: str = ""
+    """Start of the reply, forced (the record's text begins with it)."""
 
 
 @dataclass(frozen=True)
@@ -279,6 +297,9 @@ def plan_corpus(cfg: CorpusConfig) -> list[Batch]:
     by_split = prompts.topics_by_split(topics)
     if any(not v for v in by_split.values()):
         raise ValueError(f"topics={cfg.topics} leaves a split without topics; use at least 10 topics.")
+    from .recipes import character_name, get_recipe
+
+    recipe = get_recipe(cfg.recipe)
     n = cfg.stories_per_emotion
     n_train, n_trainval = round(n * cfg.split_fractions[0]), round(n * cfg.split_fractions[1])
     batches: list[Batch] = []
@@ -291,10 +312,14 @@ def plan_corpus(cfg: CorpusConfig) -> list[Batch]:
             split = "train" if k < n_train else "val" if k < n_trainval else "test"
             pool = pools[split]
             topic = pool[k % len(pool)]
-            kind = "dialogue" if cfg.dialogue_every and k % cfg.dialogue_every == cfg.dialogue_every - 1 else "story"
-            template = prompts.DIALOGUE_TEMPLATE if kind == "dialogue" else prompts.STORY_TEMPLATE
-            items.append(PlannedText(f"{name.replace(' ', '_')}-{k:03d}", name, topic, kind, split,
-                                     template.format(topic=topic, emotion=name)))
+            rid = f"{name.replace(' ', '_')}-{k:03d}"
+            if recipe.name == "paper":
+                kind = "dialogue" if cfg.dialogue_every and k % cfg.dialogue_every == cfg.dialogue_every - 1 else "story"
+                template = prompts.DIALOGUE_TEMPLATE if kind == "dialogue" else prompts.STORY_TEMPLATE
+                items.append(PlannedText(rid, name, topic, kind, split, template.format(topic=topic, emotion=name)))
+            else:
+                prompt, prefill = recipe.render(topic, name, character_name(cfg.seed, rid))
+                items.append(PlannedText(rid, name, topic, "story", split, prompt, prefill))
         batches += _chunks(items, size, f"emotion/{name}", name)
     neutral = []
     for topic in (*topics, *prompts.FACTUAL_TOPICS):
@@ -353,16 +378,41 @@ class BuildReport:
     dropped: Counter = field(default_factory=Counter)
     new_tokens: int = 0
     seconds: float = 0.0
+    recognition_ranks: list[int] = field(default_factory=list)
+    """Recognition rank of every emotion text read this run (recognition_rank > 0)."""
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.kept / self.generated if self.generated else 0.0
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds else 0.0
 
 
+def model_recognizer(generator: Generator, max_tokens: int = 128):
+    """``(texts, emotions) -> ranks``: the generating model's recognition of each text's emotion."""
+    from .recipes import read_texts
+
+    def recognize(texts: list[str], emotions: list[str]) -> list[int]:
+        return read_texts(generator.hf, generator.tokenizer, texts, emotions, max_tokens=max_tokens)["rank"].tolist()
+
+    return recognize
+
+
 def build_corpus(
-    cfg: CorpusConfig, out: Path | str, generator: Generator, model_id: str, skip_corrupt: bool = False
+    cfg: CorpusConfig, out: Path | str, generator: Generator, model_id: str, skip_corrupt: bool = False,
+    recognizer=None,
 ) -> BuildReport:
-    """Generate the planned texts into ``out`` (plain JSONL), resuming where an earlier build stopped."""
+    """Generate the planned texts into ``out`` (plain JSONL), resuming where an earlier build stopped.
+
+    With ``cfg.recognition_rank`` the model (or ``recognizer``: ``(texts, emotions) -> ranks``) reads
+    each emotion text of a batch before the batch is written, so a resumed build reads nothing twice."""
+    from .recipes import get_recipe
+
+    recipe = get_recipe(cfg.recipe)
+    if cfg.recognition_rank > 0 and recognizer is None:
+        recognizer = model_recognizer(generator)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = done_batches(out, skip_corrupt)
@@ -373,22 +423,41 @@ def build_corpus(
     t0 = time.perf_counter()
     for batch in tqdm(todo, desc="corpus", unit="batch"):
         seed = batch_seed(cfg.seed, batch.key)
-        banned = sorted(emotion_forms(batch.emotion)) if batch.emotion not in NON_EMOTION else None
-        texts = generator.generate([p.prompt for p in batch.items], seed=seed, banned=banned)
-        records = []
+        emotional = batch.emotion not in NON_EMOTION
+        ban = emotional and recipe.ban_words
+        banned = sorted(emotion_forms(batch.emotion)) if ban else None
+        kwargs = {"prefills": [p.prefill for p in batch.items]} if any(p.prefill for p in batch.items) else {}
+        texts = generator.generate([p.prompt for p in batch.items], seed=seed, banned=banned, **kwargs)
+        cleaned, reasons = [], []
         for planned, raw in zip(batch.items, texts):
             report.new_tokens += len(generator.tokenizer(raw, add_special_tokens=False).input_ids)
-            text = clean_text(raw)
-            reason = drop_reason(text, planned.emotion, cfg.min_words)
+            text = trim_tail(planned.prefill + raw) if planned.prefill else clean_text(raw)
+            cleaned.append(text)
+            reasons.append(drop_reason(text, planned.emotion, cfg.min_words if recipe.kind == "story" or not emotional
+                                       else min(cfg.min_words, 15), allow_naming=emotional and not ban))
+        ranks: list[int | None] = [None] * len(cleaned)
+        if emotional and cfg.recognition_rank > 0:
+            ranks = [int(r) for r in recognizer(cleaned, [p.emotion for p in batch.items])]
+            report.recognition_ranks += ranks
+            reasons = [r or ("unrecognized" if k > cfg.recognition_rank else None) for r, k in zip(reasons, ranks)]
+        records = []
+        for planned, text, reason, rank in zip(batch.items, cleaned, reasons, ranks):
             report.generated += 1
             if reason:
                 report.dropped[reason] += 1
             else:
                 report.kept += 1
+            gen = settings
+            if recipe.name != "paper" or rank is not None:
+                gen = {**settings, "recipe": recipe.name if emotional else "paper"}
+                if planned.prefill:
+                    gen["prefill"] = planned.prefill
+                if rank is not None:
+                    gen["recognition_rank"] = rank
             records.append(CorpusRecord(
                 id=planned.id, emotion=planned.emotion, topic=planned.topic, kind=planned.kind,
                 split=planned.split, prompt=planned.prompt, text=text, model_id=model_id, seed=seed,
-                generation=settings, batch=batch.key, dropped=reason))
+                generation=gen, batch=batch.key, dropped=reason))
         append_records(out, records)
     report.seconds = time.perf_counter() - t0
     return report
@@ -421,7 +490,17 @@ def corpus_stats(records: Iterable[CorpusRecord], all_records: Iterable[CorpusRe
         "n_words": sum(len(r.text.split()) for r in records),
     }
     if all_records is not None:
+        all_records = list(all_records)
         stats["dropped"] = dict(Counter(r.dropped for r in all_records if r.dropped))
+        emotional = [r for r in all_records if r.emotion not in NON_EMOTION]
+        if emotional:
+            stats["kept_fraction"] = round(sum(r.dropped is None for r in emotional) / len(emotional), 4)
+        ranks = sorted(r.generation["recognition_rank"] for r in emotional if "recognition_rank" in r.generation)
+        if ranks:
+            stats["recognition"] = {"n_read": len(ranks), "median_rank": ranks[len(ranks) // 2],
+                                    "top10": round(sum(k <= 10 for k in ranks) / len(ranks), 4),
+                                    "kept_fraction": round(sum(r.dropped is None for r in emotional
+                                                               if "recognition_rank" in r.generation) / len(ranks), 4)}
     return stats
 
 
