@@ -64,6 +64,25 @@ def near_duplicates(texts: list[str], labels: list[str], thresh: float = 0.5) ->
     return keep
 
 
+def best_per_emotion(rank, logp, labels, frac):
+    """Indices of the best-recognised ``frac`` of each emotion's texts (lowest rank first)."""
+    out = []
+    for e in sorted(set(labels)):
+        idx = [i for i, lab in enumerate(labels) if lab == e]
+        idx.sort(key=lambda i: int(rank[i]))
+        out += idx[: max(1, round(frac * len(idx)))]
+    return sorted(out)
+
+
+def random_per_emotion(labels, frac, seed=0):
+    rng = random.Random(seed)
+    out = []
+    for e in sorted(set(labels)):
+        idx = [i for i, lab in enumerate(labels) if lab == e]
+        out += rng.sample(idx, max(1, round(frac * len(idx))))
+    return sorted(out)
+
+
 def main() -> None:
     from safetensors.torch import load_file, save_file
 
@@ -203,6 +222,19 @@ def main() -> None:
         res = score_reading(d.project(B["pooled"]).numpy(), bl, names)
         rows.append((label, len(labels), kept, res, note))
 
+    def control(label: str, acts: torch.Tensor, labels: list[str], frac: float, draws: int = 10):
+        """Random per-emotion subsets: mean (sd) of the metrics over ``draws`` draws."""
+        res = []
+        for seed in range(draws):
+            idx = random_per_emotion(labels, frac, seed)
+            d = build_dense(acts[idx], [labels[i] for i in idx], neutral_acts, LAYER, DirectionConfig(),
+                            f"blocks.{LAYER}.hook_resid_post").subset(names)
+            res.append(score_reading(d.project(B["pooled"]).numpy(), bl, names))
+        mean = type("R", (), {k: float(np.mean([getattr(r, k) for r in res])) for k in ("top1", "top3", "auroc")})
+        sd = {k: float(np.std([getattr(r, k) for r in res])) for k in ("top1", "top3", "auroc")}
+        rows.append((label, len(idx), f"{len(idx)}/{len(labels)}", mean,
+                     f"sd over draws: top1 {sd['top1']:.3f}, AUROC {sd['auroc']:.3f}"))
+
     # shipped corpus (paper prompt, banned words)
     s_lab = [r.emotion for r in shipped]
     first8, seen = [], {}
@@ -220,10 +252,15 @@ def main() -> None:
         for k in (3, 10, 30):
             idx = [i for i in range(len(shipped)) if ranks[i] <= k]
             evaluate(f"shipped all, recognition rank<={k}", *sel(idx), kept=f"{len(idx)}/{len(shipped)}")
-        # control: same count, random
-        k10 = [i for i in range(len(shipped)) if ranks[i] <= 10]
-        rnd = sorted(random.Random(0).sample(range(len(shipped)), len(k10)))
-        evaluate("shipped all, random subset (control for rank<=10)", *sel(rnd), kept=f"{len(rnd)}/{len(shipped)}")
+        for k in (10, 30):
+            idx = [i for i in range(len(shipped)) if S["rank_raw"][i] <= k]
+            evaluate(f"shipped all, uncalibrated recognition rank<={k}", *sel(idx), kept=f"{len(idx)}/{len(shipped)}")
+        for frac in (0.5, 0.33):
+            for key in ("rank", "rank_raw"):
+                idx = best_per_emotion(S[key], S["logp"], s_lab, frac)
+                evaluate(f"shipped all, best {frac:.0%}/emotion by {key.replace('rank', 'recognition')}", *sel(idx),
+                         kept=f"{len(idx)}/{len(shipped)}")
+            control(f"shipped all, random {frac:.0%}/emotion (control, 10 draws)", S["pooled"], s_lab, frac)
         keep = near_duplicates([r.text for r in shipped], s_lab)
         idx = [i for i, k in enumerate(keep) if k]
         evaluate("shipped all, near-duplicate filter", *sel(idx), kept=f"{len(idx)}/{len(shipped)}")
@@ -235,10 +272,10 @@ def main() -> None:
                                            re.I)) for i in items])
         evaluate(f"{rname}", r["pooled"], lab, note=f"names it (after prefill) {names_it:.2f}")
         evaluate(f"{rname}, emotion tokens masked", r["pooled_masked"], lab)
-        if not RECIPES[rname].prefill and RECIPES[rname].ban_words:
-            idx = [i for i in range(len(items)) if r["rank"][i] <= 10]
-            evaluate(f"{rname}, recognition rank<=10", r["pooled"][idx], [lab[i] for i in idx],
-                     kept=f"{len(idx)}/{len(items)}")
+        idx = best_per_emotion(r["rank"], r["logp"], lab, 0.5)
+        evaluate(f"{rname}, best 50%/emotion by recognition", r["pooled"][idx], [lab[i] for i in idx],
+                 kept=f"{len(idx)}/{len(items)}", note="recognition reads the named word when the text names it")
+        control(f"{rname}, random 50%/emotion (control, 10 draws)", r["pooled"], lab, 0.5)
         print(f"{rname} recognition: median rank {float(r['rank'].float().median()):.0f}, top-10 "
               f"{float((r['rank'] <= 10).float().mean()):.3f}; example: {items[0]['text'][:300]!r}")
     if T:

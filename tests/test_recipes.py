@@ -196,3 +196,25 @@ def test_emotion_token_mask_and_masked_pooling(model):
     assert "exam" not in masked
     out = R.read_texts(hf_twin(model), model.tokenizer, [text], ["anxious"], layer=20, recognize=False)
     assert not torch.allclose(out["pooled"], out["pooled_masked"])
+
+
+def test_recognition_keep_keeps_the_best_fraction_of_each_batch(tmp_path):
+    out = tmp_path / "k.jsonl"
+    ranks = {}
+
+    def recognize(texts, emotions):
+        r = [int(re.search(r"Seed (\d+) prompt (\d+)", t).group(2)) % 37 + 1 for t in texts]
+        ranks.update(zip(texts, r))
+        return r
+
+    cfg = _cfg(recognition_keep=0.5)
+    cfg.recognition_rank = 0
+    C.build_corpus(cfg, out, PrefillGenerator(WordTokenizer()), "m", recognizer=recognize)
+    records = [r for r in C.read_records(out) if r.emotion != "neutral"]
+    for batch in {r.batch for r in records}:
+        rs = [r for r in records if r.batch == batch]
+        kept = [r for r in rs if r.dropped is None]
+        assert len(kept) == round(0.5 * len(rs))
+        worst_kept = max(r.generation["recognition_rank"] for r in kept)
+        assert all(r.generation["recognition_rank"] >= worst_kept for r in rs if r.dropped == "unrecognized")
+    assert C.validate_corpus(out)["kept_fraction"] == 0.5
