@@ -103,6 +103,8 @@ def main() -> None:
     p.add_argument("--recipes", default="say,prefill,cause,diary")
     p.add_argument("--bench-per-topic", type=int, default=2)
     p.add_argument("--chunk", type=int, default=64, help="prompts generated together")
+    p.add_argument("--draw", type=int, default=0,
+                   help="another draw of the generated recipes: other train topics and seeds (0: the first)")
     p.add_argument("--report-only", action="store_true", help="print what is cached, generate and read nothing")
     args = p.parse_args()
     if not Path(args.stories).exists():
@@ -113,7 +115,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     recipes = [r for r in args.recipes.split(",") if r]
     print(f"command: python scripts/bench_recipes.py --stories {args.stories} --work {args.work} "
-          f"--per-emotion {args.per_emotion} --recipes {args.recipes} --bench-per-topic {args.bench_per_topic}")
+          f"--per-emotion {args.per_emotion} --recipes {args.recipes} --bench-per-topic {args.bench_per_topic}"
+          + (f" --draw {args.draw}" if args.draw else ""))
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
     print(f"machine: {cpu}, torch {torch.__version__}, "
@@ -161,12 +164,14 @@ def main() -> None:
     train_topics = prompts.topics_by_split()["train"]
     plan = []
     for e in names:
-        topics = random.Random(f"bench-recipes:{e}").sample(train_topics, (args.per_emotion + 1) // 2)
+        topics = random.Random(f"bench-recipes:{e}" + (f":{args.draw}" if args.draw else "")).sample(
+            train_topics, (args.per_emotion + 1) // 2)
         plan += [(e, t, k) for t in topics for k in range(2)][: args.per_emotion]
     gens = {}
+    sfx = f"_d{args.draw}" if args.draw else ""
     for rname in recipes:
         rec = RECIPES[rname]
-        path = work / f"gen_{rname}.json"
+        path = work / f"gen_{rname}{sfx}.json"
         done = json.loads(path.read_text()) if path.exists() else []
         if len(done) < len(plan) and not args.report_only:
             m, hf = model()
@@ -175,18 +180,18 @@ def main() -> None:
             t0 = time.time()
             for s0 in range(len(done), len(plan), args.chunk):
                 chunk = plan[s0: s0 + args.chunk]
-                rendered = [rec.render(t, e, character_name(0, f"{rname}/{e}/{t}/{k}")) for e, t, k in chunk]
+                rendered = [rec.render(t, e, character_name(args.draw, f"{rname}/{e}/{t}/{k}")) for e, t, k in chunk]
                 banned = None
                 if rec.ban_words:  # one emotion per call so its words can be banned
                     outs = []
                     for e in sorted({c[0] for c in chunk}):
                         rows = [i for i, c in enumerate(chunk) if c[0] == e]
-                        o = gen.generate([rendered[i][0] for i in rows], seed=batch_seed(0, f"{rname}/{s0}/{e}"),
+                        o = gen.generate([rendered[i][0] for i in rows], seed=batch_seed(args.draw, f"{rname}/{s0}/{e}"),
                                          banned=sorted(emotion_forms(e)), prefills=[rendered[i][1] for i in rows])
                         outs += list(zip(rows, o))
                     outs = [o for _, o in sorted(outs)]
                 else:
-                    outs = gen.generate([r[0] for r in rendered], seed=batch_seed(0, f"{rname}/{s0}"), banned=banned,
+                    outs = gen.generate([r[0] for r in rendered], seed=batch_seed(args.draw, f"{rname}/{s0}"), banned=banned,
                                         prefills=[r[1] for r in rendered])
                 for (e, t, k), (prompt, pre), o in zip(chunk, rendered, outs):
                     text = trim_tail(pre + o) if pre else clean_text(o)
@@ -198,7 +203,7 @@ def main() -> None:
 
     G = {}
     for rname, items in gens.items():
-        r = read_set(rname, [i["text"] for i in items], [i["emotion"] for i in items])
+        r = read_set(rname + sfx, [i["text"] for i in items], [i["emotion"] for i in items])
         if r:
             G[rname] = (items, r)
     T_texts = [t.format(e=e) for e in names for t in TEMPLATED]
@@ -278,6 +283,14 @@ def main() -> None:
         control(f"{rname}, random 50%/emotion (control, 10 draws)", r["pooled"], lab, 0.5)
         print(f"{rname} recognition: median rank {float(r['rank'].float().median()):.0f}, top-10 "
               f"{float((r['rank'] <= 10).float().mean()):.3f}; example: {items[0]['text'][:300]!r}")
+    if args.draw:  # this draw together with the first one: twice the texts per emotion
+        for rname, (items, r) in G.items():
+            first = work / f"read_{rname}.safetensors"
+            if first.exists():
+                r0 = load_file(first)
+                lab0 = json.loads((work / f"read_{rname}.json").read_text())["labels"]
+                evaluate(f"{rname}, draws 0+{args.draw} ({2 * args.per_emotion}/emotion)",
+                         torch.cat([r0["pooled"], r["pooled"]]), lab0 + [i["emotion"] for i in items])
     if T:
         evaluate("templated one-liners (reference, not model-written)", T["pooled"], T_labels)
     # mixes
