@@ -37,7 +37,8 @@ def test_clean_text_strips_title_and_unfinished_sentence():
 
 
 def test_splits_are_topic_disjoint_and_cover_every_emotion():
-    cfg = C.CorpusConfig(emotions=["calm", "afraid", "happy"], stories_per_emotion=12, neutral_per_topic=1)
+    cfg = C.CorpusConfig(emotions=["calm", "afraid", "happy"], stories_per_emotion=12, neutral_per_topic=1,
+                         recipe="paper")
     items = [i for b in C.plan_corpus(cfg) for i in b.items]
     by_topic = {}
     for i in items:
@@ -78,6 +79,7 @@ class WordTokenizer:
 
 def _cfg():
     return C.CorpusConfig(emotions=["calm", "afraid"], stories_per_emotion=6, neutral_per_topic=1, topics=12,
+                          recipe="paper",
                           generation=GenerationConfig(batch_size=4))
 
 
@@ -137,6 +139,7 @@ def test_real_generation_two_emotions_two_topics(model, tmp_path):
     from saefeatures.models import hf_twin
 
     cfg = C.CorpusConfig(emotions=["calm", "afraid"], stories_per_emotion=2, neutral_per_topic=0, topics=12,
+                         recipe="paper",
                          dialogue_every=0, min_words=10,
                          generation=GenerationConfig(max_new_tokens=48, batch_size=4))
     gen = Generator(hf_twin(model), model.tokenizer, cfg.generation)

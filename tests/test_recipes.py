@@ -48,7 +48,9 @@ def test_plan_with_prefill_recipe():
         assert i.topic in i.prompt
     assert all(i.prefill == "" for i in items if i.emotion == "neutral")
     # the default stays the paper's prompt
-    paper = [i for b in C.plan_corpus(C.CorpusConfig(emotions=["calm"], stories_per_emotion=4)) for i in b.items]
+    assert C.CorpusConfig().recipe == "prefill"  # the default for new builds (issue 14)
+    paper = [i for b in C.plan_corpus(C.CorpusConfig(emotions=["calm"], stories_per_emotion=4, recipe="paper"))
+             for i in b.items]
     assert all("Never use the word" in i.prompt and not i.prefill for i in paper if i.kind == "story")
 
 
