@@ -178,8 +178,8 @@ def test_recognition_on_crafted_stories(model):
              "in the room; it was the best day of my life."]
     emotions = ["angry", "happy", "grief-stricken"]
     out = R.read_texts(hf_twin(model), model.tokenizer, texts, emotions, layer=20)
-    ranks = out["rank"].tolist()
-    assert ranks[0] <= 10 and ranks[1] <= 10  # the intended emotion is among the model's first words
+    ranks = out["rank_raw"].tolist()  # what the build filters by (recognition_calibrated=False)
+    assert ranks[0] <= 10 and ranks[1] <= 10, ranks  # the intended emotion is among the model's first words
     assert ranks[2] > ranks[1]  # a wrong label ranks worse on the same text
     assert out["pooled"].shape == (3, model.cfg.d_model)
     # the texts do not name the emotion: masking changes nothing
