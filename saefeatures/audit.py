@@ -5,7 +5,8 @@ is trained on the stories of the train topics and reads the stories of the held-
 Its scores bound what any direction can find in the text: a corpus whose stories carry valence
 but not their emotion scores near chance here, whatever the model's activations. Reported like
 held-out detection: top-1, top-5, mean one-vs-rest AUROC, and the share of predictions in the
-true emotion's cluster (the paper's 10).
+true emotion's cluster (the paper's 10). A prefilled opening that names the emotion (recipe
+'prefill', ``generation['prefill']``) is left out: the audit reads what the model wrote.
 
 Example:
     >>> from saefeatures.corpus import load_corpus
@@ -68,6 +69,12 @@ class AuditResult:
         return {**self.metrics(), "n_train": self.n_train, "per_emotion": self.per_emotion}
 
 
+def written(record: CorpusRecord) -> str:
+    """The record's text without the prefilled opening the model was given (if any)."""
+    prefill = record.generation.get("prefill", "")
+    return record.text[len(prefill):] if prefill and record.text.startswith(prefill) else record.text
+
+
 def audit_corpus(records: Sequence[CorpusRecord], cfg: AuditConfig = AuditConfig()) -> AuditResult:
     """Train on ``cfg.train_split``'s emotion stories, read ``cfg.test_split``'s; neutral and general
     texts are left out, as are test stories of emotions without train stories."""
@@ -80,10 +87,10 @@ def audit_corpus(records: Sequence[CorpusRecord], cfg: AuditConfig = AuditConfig
                          f"those emotions in split '{cfg.test_split}'; got {len(classes)} emotions, {len(test)} "
                          "test stories. Check the corpus's split fields (`saefeatures corpus stats`).")
     vec = TfidfVectorizer(ngram_range=(1, cfg.ngram_max), min_df=cfg.min_df, sublinear_tf=True)
-    x_train = vec.fit_transform([r.text for r in train])
+    x_train = vec.fit_transform([written(r) for r in train])
     clf = LogisticRegression(C=cfg.c, max_iter=cfg.max_iter)
     clf.fit(x_train, [r.emotion for r in train])
-    scores = clf.predict_log_proba(vec.transform([r.text for r in test]))
+    scores = clf.predict_log_proba(vec.transform([written(r) for r in test]))
     det = evaluate_scores(np.asarray(scores), [r.emotion for r in test], list(clf.classes_))
     return AuditResult(det.top1, det.top5, det.auroc, det.cluster_acc, len(train), len(test), len(classes),
                        det.per_emotion)

@@ -59,3 +59,18 @@ def test_audit_ignores_neutral_and_needs_both_splits():
     assert audit_corpus([*records, neutral]).n_train == audit_corpus(records).n_train
     with pytest.raises(ValueError, match="split 'test'"):
         audit_corpus([r for r in records if r.split != "test"])
+
+
+def test_prefilled_openings_naming_the_emotion_are_not_read():
+    """Recipe 'prefill' starts each reply with "X felt {emotion} because": the audit must read only
+    what the model wrote after it, or every prefilled corpus would audit perfectly."""
+    import dataclasses
+
+    records = []
+    for r in _corpus(separable=False):
+        prefill = f"Sam felt {r.emotion} because"
+        records.append(dataclasses.replace(r, text=f"{prefill} {r.text}", generation={"prefill": prefill}))
+    res = audit_corpus(records)
+    assert res.top1 < 0.4 and 0.3 < res.auroc < 0.7, res.metrics()
+    named = [dataclasses.replace(r, generation={}) for r in records]  # the same texts, opening not marked
+    assert audit_corpus(named).top1 > 0.9
