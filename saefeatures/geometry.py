@@ -69,7 +69,7 @@ def analyze(dirs: EmotionDirections, n_pcs: int = 4, n_clusters: int = 10) -> Ge
     x = dirs.vectors.double().numpy()
     x = x - x.mean(0)
     u, s, vt = np.linalg.svd(x, full_matrices=False)
-    n_pcs = min(n_pcs, len(s))
+    n_pcs = min(n_pcs, len(s) - 1)  # n centered vectors span n - 1 dimensions: the last PC is float noise
     scores, axes = u[:, :n_pcs] * s[:n_pcs], vt[:n_pcs].copy()
     explained = (s**2 / (s**2).sum())[:n_pcs]
     rows, v, a = _ratings(dirs.names)
