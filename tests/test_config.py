@@ -1,6 +1,6 @@
 import pytest
 
-from saefeatures.config import ConfigError, RunConfig, load_config
+from saefeatures.study.config import ConfigError, RunConfig, load_config
 
 
 def test_default_config_loads_typed():

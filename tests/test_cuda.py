@@ -90,7 +90,7 @@ def _directions(model):
 
 
 def test_directions_steering_and_scores_match_the_cpu(models):
-    from saefeatures.evals.steering import score_continuations
+    from saefeatures.evals.dose_response import score_continuations
     from saefeatures.steering import Steering, SteeringSpec, generate_steered_full
 
     cpu, gpu = models
@@ -114,7 +114,7 @@ def test_directions_steering_and_scores_match_the_cpu(models):
 
 
 def test_sampling_preference_and_monitor_run_on_the_gpu(models):
-    from saefeatures.evals.steering import choice_probs, option_tokens
+    from saefeatures.evals.preference import choice_probs, option_tokens
     from saefeatures.monitor import calibrate, trace_chat
     from saefeatures.steering import Steering, SteeringSpec, generate_steered_full
 

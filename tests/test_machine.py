@@ -4,8 +4,8 @@ switch and the dtype each stage computes in."""
 import pytest
 import torch
 
-from saefeatures.config import RunConfig
-from saefeatures.machine import WATCHED_FLAGS, cpu_name_and_flags, machine_info, stage_dtypes
+from saefeatures.study.config import RunConfig
+from saefeatures.study.machine import WATCHED_FLAGS, cpu_name_and_flags, machine_info, stage_dtypes
 
 CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel

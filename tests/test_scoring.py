@@ -6,7 +6,7 @@ import torch
 
 from saefeatures.directions import EmotionDirections, SAERecipeConfig, build_sae, select_latents
 from saefeatures.evals.detection import auroc
-from saefeatures.scoring import LatentScores, ScoreAccumulator, ScoringConfig, score_latents
+from saefeatures.sae.scoring import LatentScores, ScoreAccumulator, ScoringConfig, score_latents
 
 
 @dataclass(frozen=True)

@@ -267,11 +267,11 @@ def _record_steps(model, steering, backend, prompt_len, run):
 @pytest.mark.parametrize("backend", ["hf", "tl"])
 @pytest.mark.parametrize("mode", ["prompt", "generated"])
 def test_position_modes_touch_only_their_positions_while_generating(model, dirs, tokenizer, backend, mode):
-    from saefeatures.steering import _left_pad, render_prompts
+    from saefeatures.steering import left_pad, render_prompts
 
     s = Steering.from_spec(SteeringSpec(emotions={"happy": 0.2}, positions=mode), model, directions=dirs)
     prompts = PROMPTS if backend == "hf" else PROMPTS[:1]
-    enc = _left_pad(tokenizer, render_prompts(tokenizer, prompts))
+    enc = left_pad(tokenizer, render_prompts(tokenizer, prompts))
     p = enc.input_ids.shape[1]
     if backend == "hf":
         def run():
@@ -332,7 +332,7 @@ def test_hooks_are_removed_after_an_error_inside_the_with(model, dirs, sae):
 
 
 def test_spec_round_trip_and_config(tmp_path):
-    from saefeatures.config import ConfigError, from_dict, RunConfig
+    from saefeatures.study.config import ConfigError, from_dict, RunConfig
 
     spec = SteeringSpec(emotions={"desperate": 0.5}, latents={7: 2.0}, method="clamp", positions="generated")
     assert SteeringSpec.load(spec.save(tmp_path / "spec.json")) == spec
@@ -345,10 +345,10 @@ def test_spec_round_trip_and_config(tmp_path):
 def test_cli_steer_prints_steered_and_unsteered_replies(model, dirs, tmp_path, monkeypatch, capsys):
     import json
 
-    import saefeatures.models
-    from saefeatures.cli import main
+    import saefeatures.study.cli
+    from saefeatures.study.cli import main
 
-    monkeypatch.setattr(saefeatures.models, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(saefeatures.study.cli, "load_model", lambda *a, **k: model)
     dirs.save(tmp_path / "dirs")
     main(["steer", "--directions", str(tmp_path / "dirs"), "--emotion", "happy=0.3", "--positions", "generated",
           "--prompt", "Tell me about your day.", "--max-new-tokens", "6"])

@@ -31,9 +31,9 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import emotions as emo
-from .activations import PooledStore, forward_hooks, iter_batches, pool_batch, with_dtype
-from .files import load_safetensors, read_json, save_safetensors, write_json
+from .. import emotions as emo
+from ..activations import PooledStore, forward_hooks, iter_batches, pool_batch, with_dtype
+from ..files import load_safetensors, read_json, save_safetensors, write_json
 
 NEUTRAL = "neutral"
 

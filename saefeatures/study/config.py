@@ -15,19 +15,15 @@ from typing import Any
 
 import yaml
 
-from .activations import ActivationConfig
-from .corpus import CorpusConfig
-from .directions import DirectionConfig, SAERecipeConfig
-from .errors import UserError
-from .evals.probes import ProbeConfig
-from .evals.suite import EvalConfig
-from .scoring import ScoringConfig
-from .saes import SAEConfig
-from .evals.steering import SteeringConfig
-
-
-class ConfigError(UserError):
-    """A config file has an unknown key or a value of the wrong type."""
+from ..activations import ActivationConfig
+from ..corpus import CorpusConfig
+from ..directions import DirectionConfig, SAERecipeConfig
+from ..errors import ConfigError
+from ..evals.probes import ProbeConfig
+from ..evals.steering import SteeringConfig
+from ..evals.suite import EvalConfig
+from ..sae.config import SAEConfig
+from ..sae.scoring import ScoringConfig
 
 
 @dataclass

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
+from ..models import BF16_ENV, bf16_is_fast, resolve_dtype
+from ..sae.train import llm_autocast
 from .config import RunConfig
-from .models import BF16_ENV, bf16_is_fast, resolve_dtype
-from .sae_training import llm_autocast
 
 WATCHED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 """CPU flags (as /proc/cpuinfo names them) that decide float32 and bfloat16 matmul speed."""
