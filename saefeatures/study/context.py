@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from ..activations import model_key, pooling_meta
 from ..directions import EmotionDirections
 from ..hook_names import hook_name
@@ -74,9 +73,10 @@ def exists_or_raise(*paths: Path) -> bool:
     return True
 
 
-def pooling(study: Study, cfg=None) -> dict:
-    """How the run pools activations (model, hooks, dtype, truncation; ``cfg``: activations or scoring)."""
-    return pooling_meta(study.model, study.hooks, cfg or study.cfg.activations)
+def pooling(study: Study, hooks: list[str] | None = None) -> dict:
+    """How the run pools activations at ``hooks`` (default: every pooled layer's): model, hooks, dtype,
+    truncation (`activations.pooling_meta`)."""
+    return pooling_meta(study.model, hooks or study.hooks, study.cfg.activations)
 
 
 def activations_dir(study: Study, name: str = "corpus") -> Path:

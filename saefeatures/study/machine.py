@@ -56,7 +56,7 @@ def stage_dtypes(cfg: RunConfig, model: Any) -> dict[str, str]:
     model_dtype = next(model.parameters()).dtype
     out = {"model": dtype_name(model_dtype),
            "activations": dtype_name(resolve_dtype(cfg.activations.dtype, device)),
-           "scoring": dtype_name(resolve_dtype(cfg.scoring.dtype, device)),
+           "scoring": dtype_name(resolve_dtype(cfg.activations.dtype, device)),  # it pools as activations
            "sae": cfg.sae.dtype}
     if cfg.sae.source == "train":
         out["sae_training_lm"] = "bfloat16 autocast" if llm_autocast(cfg.sae.train, str(device)) \

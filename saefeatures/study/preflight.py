@@ -142,7 +142,6 @@ def _check_checkpoint(root: Path) -> None:
 def check_values(cfg: RunConfig) -> None:
     """Every enumerated, numeric and emotion-name setting of the config, on its own."""
     _one_of("activations.dtype", cfg.activations.dtype, DTYPES)
-    _one_of("scoring.dtype", cfg.scoring.dtype, DTYPES)
     _one_of("corpus.build.generation.dtype", cfg.corpus.build.generation.dtype, DTYPES)
     _one_of("sae.dtype", cfg.sae.dtype, DTYPES[1:])
     _one_of("sae.source", cfg.sae.source, SOURCES)
@@ -165,9 +164,6 @@ def check_values(cfg: RunConfig) -> None:
         ("activations.max_tokens", cfg.activations.max_tokens, 2),
         ("activations.skip_first", cfg.activations.skip_first, 0),
         ("activations.shard_records", cfg.activations.shard_records, 1),
-        ("scoring.batch_tokens", cfg.scoring.batch_tokens, 1),
-        ("scoring.max_tokens", cfg.scoring.max_tokens, 2),
-        ("scoring.skip_first", cfg.scoring.skip_first, 0),
         ("scoring.hist_bins", cfg.scoring.hist_bins, 1),
         ("scoring.warmup_records", cfg.scoring.warmup_records, 1),
         ("evals.emobank_limit", cfg.evals.emobank_limit, 1),

@@ -31,7 +31,7 @@ from ..sae.data import held_out_texts
 from ..sae.effects import output_scores
 from ..sae.train import TrainResult, finished
 from .config import RunConfig, to_dict
-from .context import Study, directions_key, exists_or_raise
+from .context import Study, directions_key, exists_or_raise, pooling
 from .stages import report_directions, shared_store
 from .tracking import Tracker
 
@@ -85,13 +85,14 @@ def stage_scores(study: Study, sae) -> LatentScores:
     cfg = study.cfg.scoring
     records = [r for r in study.records if r.split == cfg.split]
     out = study.run.path / "scores"
-    key = key_of(study.corpus_key, study.model_key, study.layer, sae_fingerprint(sae), to_dict(cfg))
+    key = key_of(study.corpus_key, study.model_key, study.layer, sae_fingerprint(sae), to_dict(cfg),
+                 pooling(study, [sae.cfg.metadata.hook_name]), study.cfg.activations.batch_tokens)
     scores = study.run.reuse("scoring", key, lambda: LatentScores.load(out))
     if scores is None:
         with study.run.stage("scoring", key):
             store = shared_store(study, sae)
             held_out = [r for r in study.records if r.split == study.cfg.evals.split]
-            score_latents(study.model, sae, records, cfg, pooled=store,
+            score_latents(study.model, sae, records, cfg, study.cfg.activations, pooled=store,
                           scale_records=held_out if store is not None and held_out else None).save(out)
         scores = LatentScores.load(out)
     return scores

@@ -90,11 +90,10 @@ def stage_activations(study: Study) -> PooledActivations:
 
 def shared_store(study: Study, sae) -> PooledStore | None:
     """The activation stage's store, for the scoring pass to fill as it goes: one forward pass
-    over the train split serves both stages when they pool the same hook the same way."""
-    meta = pooling(study)
-    if sae.cfg.metadata.hook_name != study.hook or pooling(study, study.cfg.scoring) != meta:
+    over the train split serves both stages when the SAE reads the studied hook."""
+    if sae.cfg.metadata.hook_name != study.hook:
         return None
-    return PooledStore(activations_dir(study), meta, study.cfg.activations.shard_records, records=study.records)
+    return PooledStore(activations_dir(study), pooling(study), study.cfg.activations.shard_records, records=study.records)
 
 
 def emobank_key(study: Study) -> str:
