@@ -311,24 +311,36 @@ def spliced(model: HookedTransformer, sae: SAE, use_error_term: bool = True) -> 
 
     With the error term (default) the hook's output equals its input, so logits are unchanged
     until a hook on the SAE (e.g. ``sae.hook_sae_acts_post``) edits latents; without it the model
-    runs on the reconstruction.
+    runs on the reconstruction. The error term is SAELens' (``x - decode(encode(x))`` of the
+    unedited latents), computed here: setting ``sae.use_error_term`` is deprecated in SAELens, whose
+    replacement (``HookedSAETransformer.add_sae``) needs its own model class.
 
     Example:
         >>> with spliced(model, sae, use_error_term=False):
         ...     loss = model(tokens, return_type="loss")
     """
-    hook_name = sae.cfg.metadata.hook_name
-    previous = sae.use_error_term
+    clean: list[torch.Tensor] = []
 
-    def hook(acts: torch.Tensor, hook: Any) -> torch.Tensor:  # noqa: ARG001
-        return sae(acts.to(sae.device)).to(acts.device, acts.dtype)
+    def capture(z: torch.Tensor, hook: Any) -> None:  # noqa: ARG001 - runs before any edit of the latents
+        clean.append(z.detach().clone())
 
-    sae.use_error_term = use_error_term
+    def splice(acts: torch.Tensor, hook: Any) -> torch.Tensor:  # noqa: ARG001
+        x = acts.to(sae.device)
+        out = sae(x)
+        if use_error_term:
+            with torch.no_grad():
+                out = out + (x - sae.decode(clean.pop()))
+        return out.to(acts.device, acts.dtype)
+
+    level = -id(clean)  # a context level of our own: removing it leaves every other hook in place
+    latents = sae.hook_sae_acts_post
+    if use_error_term:
+        latents.add_hook(capture, prepend=True, level=level)
     try:
-        with model.hooks(fwd_hooks=[(hook_name, hook)]):
+        with model.hooks(fwd_hooks=[(sae.cfg.metadata.hook_name, splice)]):
             yield sae
     finally:
-        sae.use_error_term = previous
+        latents.remove_hooks("fwd", level=level)
 
 
 def sae_fingerprint(sae: SAE) -> str:
