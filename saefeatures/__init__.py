@@ -9,7 +9,7 @@ called, so ``import saefeatures`` stays light):
     >>> dense.read(model, ["I can't stop smiling today."])[0]["happy"]
     >>> sae = sf.load_sae(None, model, layer=20)                # the shipped SAE
     >>> sae_dirs = sf.sae_directions(model, sae, dense, k=16)   # the same, assembled from SAE latents
-    >>> happy = sf.steering(model, dense, emotions={"happy": 0.3})
+    >>> happy = sf.emotion_steering(model, dense, emotions={"happy": 0.3})
     >>> with happy.applied(model):                              # TransformerLens hooks, inside the with only
     ...     model.generate("Tell me about your day.", max_new_tokens=20)
     >>> sf.generate_steered(model, happy, ["Tell me about your day."])   # the fast HF path
@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from .steering import Steering
 
 __version__ = "0.1.0"
-__all__ = ["dense_directions", "generate_steered", "load_directions", "load_model", "load_sae", "monitor_chat",
-           "sae_directions", "steering"]
+__all__ = ["dense_directions", "emotion_steering", "generate_steered", "load_directions", "load_model", "load_sae",
+           "monitor_chat", "sae_directions"]
 
 
 def load_model(name_or_path: str = "smollm2-135m-instruct", **options: Any) -> HookedTransformer:
@@ -93,8 +93,8 @@ def sae_directions(model: HookedTransformer, sae: SAE, dense: EmotionDirections,
     return build_sae(scores, sae.W_dec, k, dense.layer, dense, SAERecipeConfig())
 
 
-def steering(model: HookedTransformer, directions: EmotionDirections | None = None, sae: SAE | None = None,
-             **spec: Any) -> Steering:
+def emotion_steering(model: HookedTransformer, directions: EmotionDirections | None = None, sae: SAE | None = None,
+                     **spec: Any) -> Steering:
     """A `Steering` resolved from `SteeringSpec` fields (``emotions={"happy": 0.3}``, ``latents``,
     ``method``, ``positions``...); attach it with ``with steering.applied(model): ...``."""
     from .steering import Steering, SteeringSpec

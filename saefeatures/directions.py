@@ -244,7 +244,7 @@ def select_latents(scores, name: str, k: int, cfg: SAERecipeConfig,
     d, diff = scores.cohens_d()[i], scores.mean_diff()[i]
     if cfg.rank_by == "output":
         if output is None:
-            raise ValueError("rank_by='output' needs output scores (saefeatures.latent_effects).")
+            raise ValueError("rank_by='output' needs output scores (sae.effects.output_scores).")
         rank = output
     else:
         rank = {"auroc": scores.auroc, "cohens_d": scores.cohens_d, "mean_diff": scores.mean_diff}[cfg.rank_by]()[i]
@@ -252,7 +252,7 @@ def select_latents(scores, name: str, k: int, cfg: SAERecipeConfig,
     ok = (diff > 0) & (d >= cfg.min_cohens_d)
     if cfg.output_filter:
         if output is None:
-            raise ValueError("output_filter needs output scores (saefeatures.latent_effects).")
+            raise ValueError("output_filter needs output scores (sae.effects.output_scores).")
         ok &= output > 0
     ranked = torch.argsort(torch.where(ok, rank, torch.full_like(rank, -torch.inf)), descending=True)
     chosen = [int(j) for j in ranked[: min(k, int(ok.sum()))]]
@@ -280,7 +280,7 @@ def build_sae(scores, W_dec: Float[Tensor, "d_sae d_model"], k: int, layer: int,
     """Per emotion: select k latents, weight them, sum their decoder vectors (unit norm).
 
     ``output_scores`` is (n_emotions_scored, d_sae) in the order of ``scores.classes`` (as
-    `latent_effects.output_scores` returns), used by rank_by='output' and output_filter.
+    `sae.effects.output_scores` returns), used by rank_by='output' and output_filter.
     """
     if dense is not None and dense.d_model != W_dec.shape[1]:
         raise ValueError(f"SAE decoder width {W_dec.shape[1]} != directions d_model {dense.d_model}: "

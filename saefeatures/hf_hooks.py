@@ -1,10 +1,10 @@
 """PyTorch hooks on a HuggingFace causal LM, addressed by TransformerLens hook names.
 
-The fast steering path runs transformers' ``generate`` (KV cache, ~4x TransformerLens' speed on
-CPU) on the HF twin of the HookedTransformer (`saefeatures.models.hf_twin`). Because `load_model`
-converts weights without processing, ``blocks.L.hook_resid_post`` of the HookedTransformer is the
-output of HF decoder layer L, ``blocks.L.hook_resid_pre`` its input, and so on; this module maps
-those names to module hooks, so one steering intervention runs unchanged on either model.
+The fast steering path runs transformers' ``generate`` (with its KV cache; `scripts/bench_steering.py`
+measures it against TransformerLens') on the HF twin of the HookedTransformer (`models.hf_twin`).
+Because `load_model` converts weights without processing, ``blocks.L.hook_resid_post`` of the
+HookedTransformer is the output of HF decoder layer L, ``blocks.L.hook_resid_pre`` its input, and
+so on; this module maps those names (`hook_names`) to module hooks, so one steering intervention runs unchanged on either model.
 
 Every hook function receives the activation and the absolute token positions of its sequence
 axis (counted in the padded sequence, past KV-cache entries included), so an intervention can

@@ -10,7 +10,6 @@ import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from saefeatures import model_cache as MC
-from saefeatures import models as M
 
 DIGEST = "ab" * 32
 

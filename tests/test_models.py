@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from conftest import standin_checkpoint
 
 from saefeatures import model_cache as MC
 from saefeatures import models as M
@@ -136,27 +137,9 @@ def test_unsupported_architecture(tmp_path):
         M.load_model(str(tmp_path))
 
 
-def _tiny_checkpoint(arch: str, path, tokenizer):
-    from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig
-
-    vocab = len(tokenizer)
-    cfg = {
-        "llama": LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                             tie_word_embeddings=True, rope_theta=10000.0),
-        "gemma2": Gemma2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                               max_position_embeddings=256, sliding_window=16, query_pre_attn_scalar=16),
-        "gpt2": GPT2Config(vocab_size=vocab, n_embd=64, n_layer=3, n_head=4, n_positions=256),
-    }[arch]
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-
-
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
 def test_local_checkpoints_convert_with_matching_logits(arch, model, tmp_path):
-    _tiny_checkpoint(arch, tmp_path, model.tokenizer)
+    standin_checkpoint(tmp_path, arch, model.tokenizer)
     local = M.load_model(str(tmp_path))
     ident = M.model_identity(local)
     assert ident.source == "local" and ident.n_layers == 3 and ident.sha256

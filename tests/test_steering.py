@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hooks_left
+from conftest import hooks_left, make_random_sae
 
 from saefeatures.directions import EmotionDirections
 from saefeatures.emotions import UnknownEmotionError
@@ -26,23 +26,9 @@ HOOK = f"blocks.{LAYER}.hook_resid_post"
 PROMPTS = ["Tell me about your day.", "Describe the room you are in, please, in a few words."]
 
 
-def make_sae(d_in: int = 576, d_sae: int = 512, k: int = 16, hook: str = HOOK, seed: int = 0):
-    """A TopK SAELens SAE with unit random decoder rows and the transposed encoder."""
-    from sae_lens import SAE
-    from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting
-
-    cfg = {"architecture": "topk", "d_in": d_in, "d_sae": d_sae, "k": k, "dtype": "float32", "device": "cpu",
-           "hook_name": hook, "hook_head_index": None, "prepend_bos": False, "context_size": 256,
-           "apply_b_dec_to_input": False, "normalize_activations": "none"}
-    sae = SAE.from_dict(handle_config_defaulting(cfg))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        d = torch.nn.functional.normalize(torch.randn(d_sae, d_in, generator=g), dim=1)
-        sae.W_dec.copy_(d)
-        sae.W_enc.copy_(d.T)
-        sae.b_dec.zero_()
-        sae.b_enc.zero_()
-    return sae.eval()
+def make_sae(seed: int = 0):
+    """The TopK stand-in SAE these tests steer with: 512 latents, k 16, at `HOOK`."""
+    return make_random_sae(d_sae=512, hook=HOOK, seed=seed, k=16)
 
 
 @pytest.fixture(scope="module")

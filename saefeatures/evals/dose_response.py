@@ -31,8 +31,8 @@ from ..directions import EmotionDirections
 from ..hf_hooks import tl_named_hooks
 from ..models import hf_twin
 from ..steering import Generation, Steering, SteeringError, SteeringSpec, generate_steered_full
-from .steering import SteeringConfig
 from .judge import judge, repetition_rate, spearman
+from .steering import SteeringConfig
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer

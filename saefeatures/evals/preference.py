@@ -24,9 +24,9 @@ from ..directions import EmotionDirections
 from ..models import chat_prompt, hf_twin
 from ..steering import Steering, SteeringSpec, steered
 from .activities import ACTIVITIES, Activity
-from .steering import SteeringConfig
 from .dose_response import suffix_forward
 from .judge import spearman
+from .steering import SteeringConfig
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer

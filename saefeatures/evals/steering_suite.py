@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
 from ..directions import EmotionDirections
 from ..files import read_json, write_json
 from ..steering import SteeringError, residual_norm

@@ -135,8 +135,8 @@ def _environment(**env: str) -> Iterator[None]:
 
 
 def train_sae(model: HookedTransformer, records: Sequence[CorpusRecord], tcfg: SAETrainConfig,
-              out_dir: str | Path, hook: str, *, resume: bool = True, corpus_label: str = "shipped", wandb_project: str | None = None,
-              wandb_mode: str = "offline") -> TrainResult:
+              out_dir: str | Path, hook: str, *, resume: bool = True, corpus_label: str = "shipped",
+              wandb_project: str | None = None, wandb_mode: str = "offline") -> TrainResult:
     """Train (or resume, or reuse) an SAE at ``hook`` of ``model`` on ``records`` with SAELens.
 
     Args:

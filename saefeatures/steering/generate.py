@@ -157,7 +157,7 @@ def generate_steered(
 
     Batches are left-padded; with positions 'prompt' / 'generated' the split is the padded prompt
     length. The default backend 'hf' runs transformers' ``generate`` with the KV cache on the HF
-    twin; 'tl' runs TransformerLens' ``generate`` (the reference, ~4x slower on CPU).
+    twin; 'tl' runs TransformerLens' ``generate`` (the reference, slower; `scripts/bench_steering.py`).
 
     Example:
         >>> steering = Steering.from_spec(SteeringSpec(emotions={"desperate": 0.1}), model, directions=dirs)

@@ -16,7 +16,6 @@ import logging
 import time
 from pathlib import Path
 
-
 from ..activations import model_key
 from ..corpus import load_corpus
 from ..corpus_import import read_story_set
@@ -27,13 +26,13 @@ from ..models import check_layer, hf_twin, known_shape, load_model, model_identi
 from ..report.page import write_report
 from .config import RunConfig, to_dict
 from .context import Study, exists_or_raise
+from .machine import machine_info, stage_dtypes
+from .preflight import check_model, check_run, check_sae_config, corpus_path
 from .probe_stages import stage_monitor, stage_probes, stage_steering
+from .rundir import RunDir, package_versions
 from .sae_stages import stage_cards, stage_sae, stage_sae_directions, stage_scores
 from .stages import (eval_data, report_directions, stage_activations, stage_corpus, stage_corpus_audit, stage_dense,
                      stage_emobank, stage_reader, stage_sweep)
-from .machine import machine_info, stage_dtypes
-from .preflight import check_model, check_run, check_sae_config, corpus_path
-from .rundir import RunDir, package_versions
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)

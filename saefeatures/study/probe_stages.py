@@ -7,7 +7,6 @@ import logging
 import shutil
 from typing import Any
 
-
 from ..activations import model_key
 from ..directions import EmotionDirections
 from ..evals.probes import DISTRESS, FRIGHTENED_STORY, NEUTRAL_REQUEST, TYLENOL_TEMPLATES, probe_metrics, run_probes
@@ -31,7 +30,6 @@ def stage_probes(study: Study, dense: EmotionDirections, sae_dirs: EmotionDirect
     SAE-assembled ones (``probes.sae_tylenol_*``)."""
     import matplotlib.pyplot as plt
 
-
     figs = study.run.path / "figures" / "probes"
     key = key_of(study.model_key, directions_key(dense), None if sae_dirs is None else directions_key(sae_dirs),
                  to_dict(study.cfg.probes))
@@ -53,7 +51,6 @@ MONITOR_EXAMPLES = ("tylenol_16000mg", "distress_then_calm_reply", "frightened_s
 def stage_monitor(study: Study, dense: EmotionDirections) -> None:
     """Calibrate alarms on neutral test texts and render example traces for the report."""
     import matplotlib.pyplot as plt
-
 
     cfg = study.cfg.monitor
     figs = study.run.path / "figures" / "monitor"
