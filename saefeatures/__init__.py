@@ -1,36 +1,120 @@
 """saefeatures: sparse-autoencoder features behind emotion concepts in language models.
 
-The public names load lazily, so ``import saefeatures`` stays fast:
+The user story in a few calls (each below is a typed function; it imports its module when first
+called, so ``import saefeatures`` stays light):
 
-    >>> from saefeatures import load_model, EmotionDirections, Steering, SteeringSpec, generate_steered
-    >>> model = load_model("smollm2-135m-instruct")
+    >>> import saefeatures as sf
+    >>> model = sf.load_model("smollm2-135m-instruct")
+    >>> dense = sf.dense_directions(model)                      # one unit vector per emotion
+    >>> dense.read(model, ["I can't stop smiling today."])[0]["happy"]
+    >>> sae = sf.load_sae(None, model, layer=20)                # the shipped SAE
+    >>> sae_dirs = sf.sae_directions(model, sae, dense, k=16)   # the same, assembled from SAE latents
+    >>> happy = sf.emotion_steering(model, dense, emotions={"happy": 0.3})
+    >>> with happy.applied(model):                              # TransformerLens hooks, inside the with only
+    ...     model.generate("Tell me about your day.", max_new_tokens=20)
+    >>> sf.generate_steered(model, happy, ["Tell me about your day."])   # the fast HF path
+    >>> sf.monitor_chat(model, dense, [{"role": "user", "content": "I took 16000 mg of Tylenol."}])
+
+The study behind the paper's numbers is ``saefeatures run CONFIG --out DIR`` (`saefeatures.study`).
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+
+    from .directions import EmotionDirections
+    from .monitor import Trace
+    from .steering import Steering
 
 __version__ = "0.1.0"
-
-_EXPORTS = {
-    "load_model": "models", "model_identity": "models", "hf_twin": "models",
-    "EMOTIONS": "emotions",
-    "load_corpus": "corpus",
-    "ActivationConfig": "activations", "collect_pooled": "activations",
-    "EmotionDirections": "directions", "build_dense": "directions", "build_sae": "directions",
-    "load_sae": "saes", "spliced": "saes",
-    "score_latents": "scoring", "LatentScores": "scoring",
-    "Steering": "steering", "SteeringSpec": "steering", "steered": "steering", "generate_steered": "steering",
-    "trace_text": "monitor", "trace_chat": "monitor", "calibrate": "monitor", "alarms": "monitor",
-    "LiveMonitor": "monitor",
-    "load_config": "config", "RunConfig": "config",
-    "run_study": "pipeline",
-}
-__all__ = sorted(_EXPORTS)
+__all__ = ["dense_directions", "emotion_steering", "generate_steered", "load_directions", "load_model", "load_sae",
+           "monitor_chat", "sae_directions"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module 'saefeatures' has no attribute '{name}'")
+def load_model(name_or_path: str = "smollm2-135m-instruct", **options: Any) -> HookedTransformer:
+    """A HookedTransformer (with its HF twin kept, for fast generation) whose tokenizer carries the
+    chat template; see `models.load_model` for ``dtype``, ``device`` and the rest."""
+    from .models import load_model as load
+
+    return load(name_or_path, **options)
+
+
+def load_sae(spec: Any = None, model: HookedTransformer | None = None, layer: int | None = None) -> SAE:
+    """An SAE checked against ``model`` at ``layer``: None (the shipped one), a SAELens directory, a
+    (release, sae_id) pair or an `SAEConfig`; see `sae.load_sae`. `sae.train_sae` trains one."""
+    from .sae import load_sae as load
+
+    return load(spec, model, layer)
+
+
+def load_directions(path: str | Path) -> EmotionDirections:
+    """Emotion directions saved by `EmotionDirections.save` (e.g. ``RUN/directions/dense``)."""
+    from .directions import EmotionDirections
+
+    return EmotionDirections.load(path)
+
+
+def dense_directions(model: HookedTransformer, records: Sequence | None = None, layer: int | None = None
+                     ) -> EmotionDirections:
+    """The paper's dense directions from the train split of ``records`` (default: the shipped corpus):
+    per-emotion mean of pooled activations minus the mean over emotions, neutral components out."""
+    from .activations import ActivationConfig, collect_pooled
+    from .corpus import load_corpus
+    from .directions import DirectionConfig, build_dense
+    from .hook_names import hook_name
+    from .models import model_identity, resolve_layer
+
+    layer = resolve_layer(layer, model_identity(model).name, model.cfg.n_layers)
+    train = [r for r in (records if records is not None else load_corpus()) if r.split == "train"]
+    acts = collect_pooled(model, train, ActivationConfig(), layers=[layer], desc="dense directions")
+    emotional = [r for r in train if r.emotion != "neutral"]
+    neutral = [r.id for r in train if r.emotion == "neutral"]
+    hook = hook_name(layer)
+    return build_dense(acts.subset([r.id for r in emotional])[hook], [r.emotion for r in emotional],
+                       acts.subset(neutral)[hook], layer, DirectionConfig(), hook)
+
+
+def sae_directions(model: HookedTransformer, sae: SAE, dense: EmotionDirections, k: int = 16,
+                   records: Sequence | None = None) -> EmotionDirections:
+    """Directions assembled from ``k`` SAE latents per emotion, chosen by how well they read the
+    emotion on the train split of ``records`` (default: the shipped corpus) and aligned with ``dense``."""
+    from .corpus import load_corpus
+    from .directions import SAERecipeConfig, build_sae
+    from .sae import ScoringConfig, score_latents
+
+    train = [r for r in (records if records is not None else load_corpus()) if r.split == "train"]
+    scores = score_latents(model, sae, train, ScoringConfig())
+    return build_sae(scores, sae.W_dec, k, dense.layer, dense, SAERecipeConfig())
+
+
+def emotion_steering(model: HookedTransformer, directions: EmotionDirections | None = None, sae: SAE | None = None,
+                     **spec: Any) -> Steering:
+    """A `Steering` resolved from `SteeringSpec` fields (``emotions={"happy": 0.3}``, ``latents``,
+    ``method``, ``positions``...); attach it with ``with steering.applied(model): ...``."""
+    from .steering import Steering, SteeringSpec
+
+    return Steering.from_spec(SteeringSpec(**spec), model, directions=directions, sae=sae)
+
+
+def generate_steered(model: HookedTransformer, steering: Steering | None, prompts: Sequence[str],
+                     **options: Any) -> list[str]:
+    """Replies to chat ``prompts`` with ``steering`` attached (fast HF path by default); see
+    `steering.generate_steered` for ``max_new_tokens``, ``temperature``, ``backend``..."""
+    from .steering import generate_steered as generate
+
+    return generate(model, steering, prompts, **options)
+
+
+def monitor_chat(model: HookedTransformer, directions: EmotionDirections,
+                 messages: Sequence[dict[str, str]]) -> Trace:
+    """Every emotion's projection at every token of a chat (`monitor.trace_chat`); `monitor.calibrate`
+    and `monitor.alarms` turn it into alarms."""
+    from .monitor import trace_chat
+
+    return trace_chat(model, directions, messages)

@@ -1,5 +1,5 @@
 """`python -m saefeatures` and `torchrun -m saefeatures`: the same CLI as the `saefeatures` command."""
 
-from .cli import main
+from .study.cli import main
 
 main()

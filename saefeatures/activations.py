@@ -30,6 +30,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from .files import CorruptArtifactError, load_safetensors, read_json, save_safetensors, write_json
 from .hf_hooks import HookNameError, parse_hook_name, run_to_hooks
+from .hook_names import hook_name
 from .models import HF_TWIN_ATTR, check_layer, model_identity, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,6 @@ class ActivationConfig:
     shorter than twice this keeps its second half."""
     shard_records: int = 1024
     """Records per safetensors shard (each shard is one unit of resume)."""
-
-
-def hook_name(layer: int, hook: str = "hook_resid_post") -> str:
-    return f"blocks.{layer}.{hook}"
 
 
 def with_dtype(model: HookedTransformer, dtype: str | torch.dtype) -> HookedTransformer:

@@ -2,11 +2,12 @@
 
 The dense recipe is the paper's: per-emotion mean of pooled activations minus the mean over
 emotions, with the top principal components of neutral texts (to 50% of their variance) projected
-out, unit norm, from the train split only. SAE-assembled directions (`saefeatures.scoring`) use the
+out, unit norm, from the train split only. SAE-assembled directions (`sae.scoring`) use the
 same object and keep the latent ids and weights they were built from in ``latents``.
 
 Example:
     >>> dirs = EmotionDirections.load("runs/smollm2/directions/dense")
+    >>> dirs.read(model, ["I can't stop smiling today."])   # [{'happy': ..., ...}]
     >>> scores = dirs.project(acts)          # (n_records, n_emotions)
     >>> dirs.vector("afraid")                # (d_model,)
 """
@@ -15,9 +16,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from jaxtyping import Float
@@ -26,10 +27,22 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from . import emotions as emo
+from .activations import ActivationConfig, collect_pooled
 from .errors import UserError
 from .files import save_safetensors, write_json
+from .hook_names import hook_name, parse
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 FORMAT_VERSION = 1
+
+
+class _Text(NamedTuple):
+    """A text to pool, as `collect_pooled` takes records."""
+
+    id: str
+    text: str
 
 
 @dataclass
@@ -61,7 +74,7 @@ class EmotionDirections:
         if self.vectors.ndim != 2 or self.vectors.shape[0] != len(self.names):
             raise ValueError(f"vectors must be (n_emotions={len(self.names)}, d_model); got {tuple(self.vectors.shape)}")
         if not self.hook:
-            self.hook = f"blocks.{self.layer}.hook_resid_post"
+            self.hook = hook_name(self.layer)
 
     @property
     def d_model(self) -> int:
@@ -87,6 +100,20 @@ class EmotionDirections:
         if self.center is not None:
             acts = acts - self.center.to(acts.device)
         return acts @ self.vectors.to(acts.device).T
+
+    def read(self, model: HookedTransformer, texts: Sequence[str],
+             cfg: ActivationConfig | None = None) -> list[dict[str, float]]:
+        """Emotion scores of plain texts: each text's activations at these directions' hook, pooled
+        over its tokens (the first left out), projected on every direction.
+
+        Example:
+            >>> dirs.read(model, ["I can't stop smiling today.", "The bus leaves at nine."])[0]["happy"]
+        """
+        layer, kind = parse(self.hook) or (self.layer, "hook_resid_post")
+        cfg = cfg or ActivationConfig(hook=kind)
+        rows = [_Text(str(i), t) for i, t in enumerate(texts)]
+        acts = collect_pooled(model, rows, replace(cfg, hook=kind), layers=[layer], desc="read")[self.hook]
+        return [dict(zip(self.names, row)) for row in self.project(acts).tolist()]
 
     def subset(self, names: Sequence[str]) -> "EmotionDirections":
         rows = [self.index(n) for n in names]
@@ -217,7 +244,7 @@ def select_latents(scores, name: str, k: int, cfg: SAERecipeConfig,
     d, diff = scores.cohens_d()[i], scores.mean_diff()[i]
     if cfg.rank_by == "output":
         if output is None:
-            raise ValueError("rank_by='output' needs output scores (saefeatures.latent_effects).")
+            raise ValueError("rank_by='output' needs output scores (sae.effects.output_scores).")
         rank = output
     else:
         rank = {"auroc": scores.auroc, "cohens_d": scores.cohens_d, "mean_diff": scores.mean_diff}[cfg.rank_by]()[i]
@@ -225,7 +252,7 @@ def select_latents(scores, name: str, k: int, cfg: SAERecipeConfig,
     ok = (diff > 0) & (d >= cfg.min_cohens_d)
     if cfg.output_filter:
         if output is None:
-            raise ValueError("output_filter needs output scores (saefeatures.latent_effects).")
+            raise ValueError("output_filter needs output scores (sae.effects.output_scores).")
         ok &= output > 0
     ranked = torch.argsort(torch.where(ok, rank, torch.full_like(rank, -torch.inf)), descending=True)
     chosen = [int(j) for j in ranked[: min(k, int(ok.sum()))]]
@@ -253,7 +280,7 @@ def build_sae(scores, W_dec: Float[Tensor, "d_sae d_model"], k: int, layer: int,
     """Per emotion: select k latents, weight them, sum their decoder vectors (unit norm).
 
     ``output_scores`` is (n_emotions_scored, d_sae) in the order of ``scores.classes`` (as
-    `latent_effects.output_scores` returns), used by rank_by='output' and output_filter.
+    `sae.effects.output_scores` returns), used by rank_by='output' and output_filter.
     """
     if dense is not None and dense.d_model != W_dec.shape[1]:
         raise ValueError(f"SAE decoder width {W_dec.shape[1]} != directions d_model {dense.d_model}: "

@@ -8,3 +8,7 @@ with the file and the fix in the message.
 
 class UserError(ValueError):
     """Bad input from the user: the message names what is wrong, where, and the fix."""
+
+
+class ConfigError(UserError):
+    """A config has an unknown key or a value of the wrong type."""

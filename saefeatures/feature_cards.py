@@ -8,7 +8,6 @@ Example:
 
 from __future__ import annotations
 
-import html
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,8 +17,8 @@ import torch
 from .activations import tokenize_texts
 from .directions import EmotionDirections
 from .files import read_json
-from .latent_effects import logit_lens
-from .scoring import LatentScores
+from .sae.effects import logit_lens
+from .sae.scoring import LatentScores
 
 
 @dataclass
@@ -111,43 +110,6 @@ def build_cards(model, sae, scores: LatentScores, dirs: EmotionDirections, recor
                                          [round(float(x), 3) for x in acts]))
         cards.append(card)
     return cards
-
-
-def snippet_html(s: Snippet) -> str:
-    top = max(s.acts) or 1.0
-    spans = "".join(
-        f"<span style='background:rgba(255,120,0,{min(1.0, a / top):.2f})' title='{a:.2f}'>{html.escape(t)}</span>"
-        for t, a in zip(s.tokens, s.acts))
-    return f"<div class='snip'><b>{html.escape(s.emotion)}</b> <small>{html.escape(s.record_id)}</small>: {spans}</div>"
-
-
-def card_html(card: FeatureCard) -> str:
-    sc = " ".join(f"{k}={v:.3g}" for k, v in card.scores.items())
-    tops = ", ".join(f"{n} ({v:.2f})" for n, v in card.top_emotions)
-    lens = " ".join(f"<code>{html.escape(t)}</code>" for t in card.logit_lens)
-    snips = "".join(snippet_html(s) for s in card.snippets)
-    return (f"<div class='card'><h4>latent {card.latent} &middot; {html.escape(card.emotion)} "
-            f"(weight {card.weight:.2f})</h4><p>{sc}</p><p>highest mean on: {tops}</p>"
-            f"<p>logit lens: {lens}</p>{snips}</div>")
-
-
-CARD_CSS = (".card{border:1px solid #ccc;border-radius:6px;padding:6px 10px;margin:8px 0;font-size:13px}"
-            ".card h4{margin:2px 0}.snip{margin:3px 0;line-height:1.6}.snip span{padding:1px 0}")
-
-
-def cards_html(cards: Sequence[FeatureCard]) -> str:
-    """Cards grouped by emotion, one <details> panel each (an HTML fragment with its CSS)."""
-    by_emotion: dict[str, list[FeatureCard]] = {}
-    for c in cards:
-        by_emotion.setdefault(c.emotion, []).append(c)
-    panels = "".join(f"<details><summary>{html.escape(e)} ({len(cs)} latents)</summary>"
-                     f"{''.join(card_html(c) for c in cs)}</details>" for e, cs in by_emotion.items())
-    return f"<style>{CARD_CSS}</style>{panels}"
-
-
-def cards_page(cards: Sequence[FeatureCard], title: str = "Feature cards") -> str:
-    return (f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
-            f"<body><h1>{html.escape(title)}</h1>{cards_html(cards)}</body></html>")
 
 
 def cards_tables(cards: Sequence[FeatureCard]) -> dict[str, tuple[list[str], list[list]]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,6 +74,27 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
                                  "(with free space) or choose another output directory") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_dir(path: Path | str) -> Iterator[Path]:
+    """A fresh temp directory beside ``path`` to fill; on success it replaces ``path`` (a reader sees the
+    old directory or the new one, never a half-written one), on failure it is removed.
+
+    Example:
+        >>> with atomic_dir("runs/sae/shipped") as tmp:
+        ...     save_file(weights, tmp / "sae_weights.safetensors")
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
+    try:
+        yield tmp
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -1,10 +1,10 @@
 """PyTorch hooks on a HuggingFace causal LM, addressed by TransformerLens hook names.
 
-The fast steering path runs transformers' ``generate`` (KV cache, ~4x TransformerLens' speed on
-CPU) on the HF twin of the HookedTransformer (`saefeatures.models.hf_twin`). Because `load_model`
-converts weights without processing, ``blocks.L.hook_resid_post`` of the HookedTransformer is the
-output of HF decoder layer L, ``blocks.L.hook_resid_pre`` its input, and so on; this module maps
-those names to module hooks, so one steering intervention runs unchanged on either model.
+The fast steering path runs transformers' ``generate`` (with its KV cache; `scripts/bench_steering.py`
+measures it against TransformerLens') on the HF twin of the HookedTransformer (`models.hf_twin`).
+Because `load_model` converts weights without processing, ``blocks.L.hook_resid_post`` of the
+HookedTransformer is the output of HF decoder layer L, ``blocks.L.hook_resid_pre`` its input, and
+so on; this module maps those names (`hook_names`) to module hooks, so one steering intervention runs unchanged on either model.
 
 Every hook function receives the activation and the absolute token positions of its sequence
 axis (counted in the padded sequence, past KV-cache entries included), so an intervention can
@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .hook_names import parse
+
 HookFn = Callable[[Tensor, Tensor], Tensor | None]
 """(activation [batch, pos, d_model], absolute positions [pos]) -> new activation or None."""
 
-_NAME = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out)$")
+KINDS = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
 SUPPORTED = ("blocks.L.hook_resid_pre", "blocks.L.hook_resid_post", "blocks.L.hook_attn_out",
              "blocks.L.hook_mlp_out")
 """TransformerLens hook names the fast path can address (L = layer index)."""
@@ -71,13 +72,13 @@ def decoder_layers(hf: Any) -> torch.nn.ModuleList:
 def parse_hook_name(hf: Any, name: str) -> tuple[int, str]:
     """(layer, kind) of a TransformerLens hook name the fast path supports, or a clear error."""
     n_layers = len(decoder_layers(hf))
-    m = _NAME.match(name)
-    if not m:
+    parsed = parse(name)
+    if parsed is None or parsed[1] not in KINDS:
         raise HookNameError(
             f"Hook '{name}' is not supported on the fast (transformers) path. Supported: "
             f"{', '.join(SUPPORTED)} with L in 0..{n_layers - 1}; use backend='tl' for other hook points."
         )
-    layer, kind = int(m.group(1)), m.group(2)
+    layer, kind = parsed
     if not 0 <= layer < n_layers:
         raise HookNameError(f"Hook '{name}': layer {layer} does not exist; the model has layers 0..{n_layers - 1}.")
     if kind in ("hook_attn_out", "hook_mlp_out") and hf.config.model_type not in _SUBMODULES:

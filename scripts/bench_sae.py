@@ -23,11 +23,13 @@ from pathlib import Path
 
 import torch
 
-from saefeatures.config import load_config
+from saefeatures.study.config import load_config
 from saefeatures.models import bf16_is_fast, load_model
-from saefeatures.sae_training import _training_sae_config, evaluate_run_sae, held_out_texts, llm_autocast
-from saefeatures.saes import (load_sae, pack_texts, resid_hook, sae_info, shipped_sae_dir,
-                              special_token_ids)
+from saefeatures.hook_names import hook_name
+from saefeatures.sae.data import held_out_texts, pack_texts, special_token_ids
+from saefeatures.sae.train import llm_autocast, training_sae_config
+from saefeatures.study.sae_stages import evaluate_run_sae
+from saefeatures.sae import load_sae, sae_info, shipped_sae_dir
 
 TARGETS = {"explained_variance": (">=", 0.8), "l0": ("<=", 64), "dead_fraction": ("<", 0.1),
            "ce_loss_recovered": (">=", 0.8)}
@@ -63,7 +65,7 @@ def update_rate(tcfg, d_in, acts, n_steps, device) -> float:
     from sae_lens.registry import get_sae_training_class
     from sae_lens.training.sae_trainer import SAETrainer
 
-    sae_cfg = _training_sae_config(tcfg, d_in, device)
+    sae_cfg = training_sae_config(tcfg, d_in, device)
     sae = get_sae_training_class(tcfg.architecture)[0](sae_cfg)
     b = tcfg.train_batch_size_tokens
     trainer = SAETrainer(SAETrainerConfig(total_training_samples=b * (n_steps + 5), train_batch_size_samples=b,
@@ -104,7 +106,7 @@ def main() -> None:
 
     texts = held_out_texts(cfg.corpus.path, model.tokenizer, "train", tcfg.kinds, tcfg.chat_fraction)
     contexts = pack_texts(model.tokenizer, texts[:400], tcfg.context_size)
-    hook = cfg.sae.hook or resid_hook(layer)
+    hook = cfg.sae.hook or hook_name(layer)
     b = tcfg.store_batch_size_prompts
     gen = {"float32": generation_rate(model, contexts, hook, model.cfg.d_model, b, args.gen_batches, False)}
     if bf16_is_fast(model.cfg.device):  # elsewhere bf16 is emulated: minutes per batch, nothing to learn

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from saefeatures.evals.steering import NEUTRAL_PROMPTS
+from saefeatures.neutral import NEUTRAL_PROMPTS
 from saefeatures.generation import sampling_kwargs
 from saefeatures.models import hf_twin, load_model
 from saefeatures.steering import render_prompts

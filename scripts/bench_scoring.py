@@ -34,8 +34,8 @@ def _records(n: int):
 def _peak(n: int) -> None:
     """Child process: one scoring pass over n records; prints JSON with its peak RSS."""
     from saefeatures.models import load_model
-    from saefeatures.saes import load_sae
-    from saefeatures.scoring import ScoringConfig, score_latents
+    from saefeatures.sae import load_sae
+    from saefeatures.sae.scoring import ScoringConfig, score_latents
 
     model = load_model()
     sae = load_sae(None, model, layer=20)
@@ -56,8 +56,8 @@ def main() -> None:
     from saefeatures.activations import (ActivationConfig, PooledStore, collect_pooled, pooling_meta,
                                          tokenize_texts)
     from saefeatures.models import load_model
-    from saefeatures.saes import load_sae
-    from saefeatures.scoring import ScoringConfig, score_latents
+    from saefeatures.sae import load_sae
+    from saefeatures.sae.scoring import ScoringConfig, score_latents
 
     model = load_model()
     sae = load_sae(None, model, layer=20)

@@ -18,7 +18,7 @@ import time
 import torch
 
 from saefeatures.directions import EmotionDirections
-from saefeatures.evals.steering import NEUTRAL_PROMPTS
+from saefeatures.neutral import NEUTRAL_PROMPTS
 from saefeatures.models import load_model
 from saefeatures.steering import Steering, SteeringSpec, generate_steered_full
 
@@ -71,7 +71,7 @@ def main() -> None:
         dirs = EmotionDirections([args.emotion], layer, v[None], hook, "random")
     sae_note = "shipped"
     try:
-        from saefeatures.saes import load_sae
+        from saefeatures.sae import load_sae
 
         sae = load_sae(args.sae, model, layer=layer)
     except (FileNotFoundError, ValueError) as e:

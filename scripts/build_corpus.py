@@ -8,7 +8,7 @@ Same as `saefeatures corpus build`; this script exists for long background build
 
 import sys
 
-from saefeatures.cli import main
+from saefeatures.study.cli import main
 
 if __name__ == "__main__":
     main(["corpus", "build", *sys.argv[1:]])

@@ -86,22 +86,92 @@ def dtype_tolerance(dtype: str | torch.dtype, abs_float32: float, rel_float32: f
     return {"rel": rel_float32, "abs": abs_float32}
 
 
-def make_random_sae(d_in: int = 576, d_sae: int = 64, hook: str = "blocks.6.hook_resid_post", seed: int = 0):
-    """A small SAELens ReLU SAE with random weights (mechanics tests; no training)."""
+def make_random_sae(d_in: int = 576, d_sae: int = 64, hook: str = "blocks.6.hook_resid_post", seed: int = 0,
+                    k: int | None = None):
+    """A small SAELens SAE with random weights (mechanics tests; no training): ReLU with random
+    encoder and decoder (and encoder bias -0.5, so latents are sparse), or, with ``k``, TopK with unit
+    random decoder rows and the transposed encoder (each latent reads what it writes)."""
     from sae_lens import SAE
     from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting
 
+    arch = {"architecture": "standard"} if k is None else {"architecture": "topk", "k": k}
     sae = SAE.from_dict(handle_config_defaulting({
-        "architecture": "standard", "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
+        **arch, "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
         "hook_name": hook, "hook_head_index": None, "prepend_bos": False, "context_size": 256,
         "apply_b_dec_to_input": False, "normalize_activations": "none"}))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
-        sae.b_enc.fill_(-0.5)
-        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) / d_in**0.5)
+        if k is None:
+            sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
+            sae.b_enc.fill_(-0.5)
+            sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) / d_in**0.5)
+        else:
+            d = torch.nn.functional.normalize(torch.randn(d_sae, d_in, generator=g), dim=1)
+            sae.W_dec.copy_(d)
+            sae.W_enc.copy_(d.T)
+            sae.b_enc.zero_()
         sae.b_dec.zero_()
     return sae.eval()
+
+
+STANDIN_TEXTS = ["She checked the lock three times and still could not sleep.",
+                 "The train leaves from platform four at ten past nine.",
+                 "He laughed with his friends at the fair all afternoon.",
+                 "The letter said the dog had died in the night.",
+                 "Water boils at one hundred degrees at sea level.",
+                 "They cheered when the results came in, hugging each other."]
+"""What the stand-in tokenizer is trained on (and what tests feed the stand-in model)."""
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def standin_tokenizer():
+    """A byte-level BPE tokenizer trained here on `STANDIN_TEXTS`, with the ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(STANDIN_TEXTS * 4, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<|im_start|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def standin_checkpoint(path, arch: str = "llama", tokenizer=None):
+    """Save a tiny random HF checkpoint (3 layers, d_model 64) of ``arch`` ('llama', 'gemma2' or 'gpt2')
+    with ``tokenizer`` (default: `standin_tokenizer`) to ``path``, as `load_model` reads local ones."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig
+
+    tok = tokenizer if tokenizer is not None else standin_tokenizer()
+    vocab = len(tok)
+    cfg = {
+        "llama": lambda: LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                     tie_word_embeddings=True, rope_theta=10000.0, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id),
+        "gemma2": lambda: Gemma2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       max_position_embeddings=256, sliding_window=16, query_pre_attn_scalar=16),
+        "gpt2": lambda: GPT2Config(vocab_size=vocab, n_embd=64, n_layer=3, n_head=4, n_positions=256),
+    }[arch]()
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A stand-in Llama (random weights, 3 layers, d_model 64, the stand-in tokenizer) as a
+    HookedTransformer with its HF twin: for numerics that need a model but not the real one."""
+    from saefeatures.models import load_model
+
+    return load_model(str(standin_checkpoint(tmp_path_factory.mktemp("standin"))))
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,13 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from saefeatures import cli
+from saefeatures.study import cli
 from saefeatures.corpus import CorpusRecord
 
 EMOTIONS = ("happy", "sad", "afraid", "calm")
@@ -20,16 +21,14 @@ EMOTIONS = ("happy", "sad", "afraid", "calm")
 @pytest.fixture(autouse=True)
 def no_model_load(monkeypatch):
     """Loading the model is the slow work every check must come before: here it fails the test."""
-    import saefeatures.layer_sweep
-    import saefeatures.models
-    import saefeatures.pipeline
-
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was found")
 
-    for module in (saefeatures.models, saefeatures.pipeline, saefeatures.layer_sweep):
-        monkeypatch.setattr(module, "load_model", refuse)
-    monkeypatch.setattr(saefeatures.models, "load_hf", refuse)
+    for name, module in list(sys.modules.items()):  # every module that bound the loaders by name
+        if name.startswith("saefeatures"):
+            for loader in ("load_model", "load_hf"):
+                if hasattr(module, loader):
+                    monkeypatch.setattr(module, loader, refuse)
 
 
 def fails(argv: list[str], capsys) -> str:
@@ -200,7 +199,7 @@ def test_bad_sae(tmp_path, capsys, case, message):
 
 def test_sae_width_mismatch_when_loading_is_one_clear_error(tmp_path):
     """The loader itself (not only the pre-check) names the file instead of a state_dict traceback."""
-    from saefeatures.saes import SAELoadError, load_sae
+    from saefeatures.sae import SAELoadError, load_sae
 
     sae = write_sae(tmp_path / "sae", d_sae=100, weights_d_sae=64)
     with pytest.raises(SAELoadError, match="holds W_enc of shape"):
@@ -282,7 +281,7 @@ def test_corpus_validate_rejects_an_empty_corpus(tmp_path, capsys):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    from saefeatures.config import ConfigError
+    from saefeatures.study.config import ConfigError
 
     cfg = write_config(tmp_path / "c.yaml", "model:\n  layer: 40\n")
     with pytest.raises(ConfigError, match="out of range"):

@@ -1,6 +1,8 @@
+from pathlib import Path
+
 import pytest
 
-from saefeatures.config import ConfigError, RunConfig, load_config
+from saefeatures.study.config import ConfigError, RunConfig, load_config
 
 
 def test_default_config_loads_typed():
@@ -42,3 +44,17 @@ def test_int_is_accepted_for_float_but_bool_is_not_int(tmp_path):
 def test_missing_config_file():
     with pytest.raises(FileNotFoundError, match="Config file not found"):
         load_config("configs/nope.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs").glob("*.yaml")), ids=str)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.activations.max_tokens >= 2 and cfg.scoring.split == "train"
+
+
+@pytest.mark.parametrize("key", ["skip_first", "max_tokens", "dtype", "batch_tokens"])
+def test_pooling_keys_under_scoring_point_to_activations(tmp_path, key):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"scoring:\n  {key}: 16\n  split: train\n")
+    with pytest.raises(ConfigError, match=rf"scoring\.{key} moved to activations\.{key}"):
+        load_config(path)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from saefeatures.cli import main
+from saefeatures.study.cli import main
 from saefeatures.corpus import load_corpus, validate_corpus
 from saefeatures.corpus_import import (StorySetError, assign_splits, cap_per_emotion, import_corpus, read_story_set,
                                        story_set_key)
@@ -121,8 +121,8 @@ def test_import_emotion_vector_bench(tmp_path):
 
 
 def test_run_rejects_a_bad_reader_path_before_loading_anything(tmp_path):
-    from saefeatures.config import RunConfig, from_dict
-    from saefeatures.pipeline import run_study
+    from saefeatures.study.config import RunConfig, from_dict
+    from saefeatures.study.pipeline import run_study
 
     cfg = from_dict(RunConfig, {"evals": {"reader_path": str(tmp_path / "missing")}})
     with pytest.raises(StorySetError, match="Story set not found"):

@@ -12,50 +12,19 @@ import os
 
 import pytest
 import torch
+from conftest import STANDIN_TEXTS, standin_checkpoint
 
 DEVICE = os.environ.get("SAEFEATURES_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-TEXTS = ["She checked the lock three times and still could not sleep.",
-         "The train leaves from platform four at ten past nine.",
-         "He laughed with his friends at the fair all afternoon.",
-         "The letter said the dog had died in the night.",
-         "Water boils at one hundred degrees at sea level.",
-         "They cheered when the results came in, hugging each other."]
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok.train_from_iterator(TEXTS * 4, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   bos_token="<|im_start|>")
-    fast.chat_template = CHATML
-    return fast
+TEXTS = STANDIN_TEXTS
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from saefeatures.models import load_model
 
-    path = tmp_path_factory.mktemp("standin")
-    tok = _tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
+    path = standin_checkpoint(tmp_path_factory.mktemp("standin"))
     return load_model(str(path), device="cpu"), load_model(str(path), device=DEVICE)
 
 
@@ -90,7 +59,7 @@ def _directions(model):
 
 
 def test_directions_steering_and_scores_match_the_cpu(models):
-    from saefeatures.evals.steering import score_continuations
+    from saefeatures.evals.dose_response import score_continuations
     from saefeatures.steering import Steering, SteeringSpec, generate_steered_full
 
     cpu, gpu = models
@@ -114,7 +83,7 @@ def test_directions_steering_and_scores_match_the_cpu(models):
 
 
 def test_sampling_preference_and_monitor_run_on_the_gpu(models):
-    from saefeatures.evals.steering import choice_probs, option_tokens
+    from saefeatures.evals.preference import choice_probs, option_tokens
     from saefeatures.monitor import calibrate, trace_chat
     from saefeatures.steering import Steering, SteeringSpec, generate_steered_full
 

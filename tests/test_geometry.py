@@ -4,7 +4,8 @@ from scipy.stats import pearsonr
 
 from saefeatures import emotions as emo
 from saefeatures.directions import EmotionDirections
-from saefeatures.geometry import analyze, save_plots
+from saefeatures.geometry import analyze
+from saefeatures.report.geometry import save_plots
 
 
 def _planted(noise=0.3, seed=0):

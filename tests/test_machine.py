@@ -4,8 +4,8 @@ switch and the dtype each stage computes in."""
 import pytest
 import torch
 
-from saefeatures.config import RunConfig
-from saefeatures.machine import WATCHED_FLAGS, cpu_name_and_flags, machine_info, stage_dtypes
+from saefeatures.study.config import RunConfig
+from saefeatures.study.machine import WATCHED_FLAGS, cpu_name_and_flags, machine_info, stage_dtypes
 
 CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -49,8 +49,7 @@ def test_stage_dtypes_follow_the_switch(model, bf16_env, switch, auto):
     bf16_env(switch)
     cfg = RunConfig()
     cfg.activations.dtype = "auto"
-    cfg.scoring.dtype = "float32"
-    assert stage_dtypes(cfg, model) == {"model": "float32", "activations": auto, "scoring": "float32",
+    assert stage_dtypes(cfg, model) == {"model": "float32", "activations": auto, "scoring": auto,
                                         "sae": "float32"}
     cfg.sae.source = "train"
     assert stage_dtypes(cfg, model)["sae_training_lm"] == ("bfloat16 autocast" if switch == "1" else "float32")

@@ -9,7 +9,7 @@ import logging
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from saefeatures import models as M
+from saefeatures import model_cache as MC
 
 DIGEST = "ab" * 32
 
@@ -26,8 +26,8 @@ def cached(monkeypatch, tmp_path):
     monkeypatch.setenv("SAEFEATURES_CACHE", str(tmp_path))
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=2))
-    out = M.save_conversion(hf, FileTokenizer(), DIGEST)
-    assert out is not None and M.cached_conversion(DIGEST) == out  # intact: used
+    out = MC.save_conversion(hf, FileTokenizer(), DIGEST)
+    assert out is not None and MC.cached_conversion(DIGEST) == out  # intact: used
     return out
 
 
@@ -41,11 +41,11 @@ def test_damaged_cached_copy_is_detected_and_removed(cached, caplog, damage):
         data[len(data) // 2] ^= 0x01
     target.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="saefeatures.models"):
-        assert M.cached_conversion(DIGEST) is None
+        assert MC.cached_conversion(DIGEST) is None
     assert f"Cached conversion {cached} is corrupt; converting the GGUF file again." in caplog.text
     assert not cached.exists()
 
 
 def test_cached_copy_without_its_record_is_not_used(cached):
     (cached / "source.json").unlink()
-    assert M.cached_conversion(DIGEST) is None
+    assert MC.cached_conversion(DIGEST) is None

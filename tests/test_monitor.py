@@ -5,7 +5,8 @@ import torch
 
 from saefeatures.directions import EmotionDirections
 from saefeatures.monitor import (Calibration, LiveMonitor, Trace, alarms, calibrate, load_transcript, trace_chat,
-                                 trace_figure, trace_html, trace_text)
+                                 trace_text)
+from saefeatures.report.monitor import trace_figure, trace_html
 
 NEUTRAL = ["The library opens at nine and closes at six on weekdays, and on Saturdays it opens at ten.",
            "To boil an egg, place it in boiling water for eight minutes, then cool it under cold water.",

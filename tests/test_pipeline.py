@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from conftest import dtype_tolerance
 
-from saefeatures.config import RunConfig, from_dict
+from saefeatures.study.config import RunConfig, from_dict
 from saefeatures.corpus import load_corpus
 from saefeatures.directions import EmotionDirections
 from saefeatures.models import BF16_ENV, bf16_is_fast
-from saefeatures.pipeline import run_study
+from saefeatures.study.pipeline import run_study
 
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "emotion-vector-bench" / "stories"
 pytestmark = pytest.mark.dtype  # activations and scoring run in the dtype 'auto' resolves to
@@ -150,7 +150,7 @@ def test_card_snippets_are_the_peak_window_of_the_whole_record(small_run, model)
     import torch
 
     from saefeatures.activations import forward_hooks, tokenize_texts, with_dtype
-    from saefeatures.saes import load_sae
+    from saefeatures.sae import load_sae
 
     cfg, out, _ = small_run
     cards = json.loads((out / "figures" / "cards.json").read_text())

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from saefeatures import pipeline
-from saefeatures.config import ConfigError, load_config
-from saefeatures.preflight import check_model, check_run, check_values
+from saefeatures.study import pipeline
+from saefeatures.study.config import ConfigError, load_config
+from saefeatures.study.preflight import check_model, check_run, check_values
 
 CONFIGS = sorted(Path("configs").glob("*.yaml"))
 

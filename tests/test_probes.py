@@ -7,7 +7,8 @@ import torch
 
 from saefeatures.directions import EmotionDirections
 from saefeatures.evals.probes import (CONTROL_DRUG, DANGER_QUESTION, ProbeConfig, danger, probe_metrics, tylenol,
-                                      tylenol_figure, tylenol_sets)
+                                      tylenol_sets)
+from saefeatures.report.probes import tylenol_figure
 from saefeatures.models import chat_prompt
 from saefeatures.monitor import trace_chat, trace_chat_sets
 

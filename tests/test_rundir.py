@@ -11,7 +11,8 @@ import torch
 
 from saefeatures.files import (CorruptArtifactError, load_safetensors, read_json, save_safetensors, write_json,
                                write_text)
-from saefeatures.rundir import RunDir, RunDirError, key_of
+from saefeatures.keys import key_of
+from saefeatures.study.rundir import RunDir, RunDirError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ def test_second_open_fails_at_once_naming_the_holder_pid(tmp_path):
 def test_lock_held_by_another_process_names_its_pid(tmp_path):
     out = tmp_path / "run"
     child = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom saefeatures.rundir import RunDir\n"
+        [sys.executable, "-c", "import sys, time\nfrom saefeatures.study.rundir import RunDir\n"
          f"r = RunDir.open({str(out)!r})\nprint('locked', flush=True)\nsys.stdin.read()"],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

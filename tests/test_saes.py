@@ -17,14 +17,15 @@ import pytest
 import torch
 from transformer_lens import HookedTransformerConfig
 
-from saefeatures.config import RunConfig, load_config
+from saefeatures.study.config import RunConfig, load_config
 from saefeatures.corpus import CorpusRecord
 from saefeatures.emotions import DATA
-from saefeatures.sae_training import (build_token_data, evals_inputs_key, export_sae, latest_checkpoint,
-                                      render_texts, train_sae)
-from saefeatures.saes import (SAEConfig, SAEEvalConfig, SAELoadError, SAEMismatchError, check_sae,
-                              evaluate_sae, load_sae, pack_texts, same_activation, sae_info,
-                              shipped_sae_dir, special_token_ids, spliced)
+from saefeatures.hook_names import same_activation
+from saefeatures.sae import (SAEConfig, SAEEvalConfig, SAELoadError, SAEMismatchError, check_sae, evaluate_sae,
+                             export_sae, load_sae, sae_info, shipped_sae_dir, spliced)
+from saefeatures.sae.data import build_token_data, pack_texts, render_texts, special_token_ids
+from saefeatures.sae.train import latest_checkpoint
+from saefeatures.study.sae_stages import evals_inputs_key, train_run_sae
 
 LAYER = 3
 STEPS, BATCH, CONTEXT = 300, 128, 128
@@ -60,7 +61,7 @@ def train_records():
 def tiny(model, tmp_path_factory, train_records):
     """A tiny SAE trained for STEPS steps on the real model: (config, result)."""
     cfg = _tiny_cfg()
-    result = train_sae(cfg, out_dir=tmp_path_factory.mktemp("sae") / "run", model=model,
+    result = train_run_sae(cfg, out_dir=tmp_path_factory.mktemp("sae") / "run", model=model,
                        records=train_records)
     return cfg, result
 
@@ -104,7 +105,7 @@ def test_training_loss_falls_and_run_is_recorded(tiny):
 def test_finished_run_is_reused(tiny, model, train_records):
     cfg, result = tiny
     t0 = time.perf_counter()
-    again = train_sae(cfg, out_dir=result.sae_dir.parent, model=model, records=train_records)
+    again = train_run_sae(cfg, out_dir=result.sae_dir.parent, model=model, records=train_records)
     assert time.perf_counter() - t0 < 10
     assert again.info == result.info
 
@@ -117,14 +118,14 @@ def test_interrupted_run_resumes_from_latest_checkpoint(tiny, model, train_recor
     shutil.copytree(result.sae_dir.parent / "checkpoints", run / "checkpoints")
     shutil.copy2(result.sae_dir.parent / "train_state.json", run / "train_state.json")
     latest = latest_checkpoint(run / "checkpoints")
-    resumed = train_sae(cfg, out_dir=run, model=model, records=train_records)
+    resumed = train_run_sae(cfg, out_dir=run, model=model, records=train_records)
     assert resumed.info["resumed_from_tokens"] == int(latest.name) > 0
     assert resumed.info["tokens_this_session"] == STEPS * BATCH - int(latest.name)
     assert resumed.info["loss_curve"][0][0] > 0  # the step count continued
     assert resumed.info["final_fvu"] < 0.5
     with pytest.raises(ValueError, match="training data changed"):  # another corpus: no silent resume
         shutil.rmtree(run / "sae")
-        train_sae(cfg, out_dir=run, model=model, records=train_records[:1500])
+        train_run_sae(cfg, out_dir=run, model=model, records=train_records[:1500])
 
 
 def test_training_contexts_start_special_and_exclude_specials(model, train_records):

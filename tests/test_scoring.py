@@ -1,12 +1,13 @@
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
 import torch
 
+from saefeatures.activations import ActivationConfig
 from saefeatures.directions import EmotionDirections, SAERecipeConfig, build_sae, select_latents
 from saefeatures.evals.detection import auroc
-from saefeatures.scoring import LatentScores, ScoreAccumulator, ScoringConfig, score_latents
+from saefeatures.sae.scoring import LatentScores, ScoreAccumulator, ScoringConfig, score_latents
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,8 @@ def _dense_reference(model, sae, recs):
 
 
 def test_streaming_statistics_equal_dense_computation(model, random_sae, tmp_path):
-    cfg = ScoringConfig(dtype="float32", batch_tokens=64)  # several batches
-    s = score_latents(model, random_sae, RECS, cfg)
+    pooling = ActivationConfig(dtype="float32", batch_tokens=64)  # several batches
+    s = score_latents(model, random_sae, RECS, ScoringConfig(), pooling)
     ref = _dense_reference(model, random_sae, RECS)
     P = torch.stack([p for p, _, _ in ref])
     labels = np.array([r.emotion for r in RECS])
@@ -110,12 +111,11 @@ def test_streaming_statistics_equal_dense_computation(model, random_sae, tmp_pat
 def test_scoring_pass_fills_the_activation_store(model, random_sae, tmp_path, monkeypatch):
     import saefeatures.activations as A
 
-    cfg = ScoringConfig(dtype="float32", batch_tokens=64)
     acfg = A.ActivationConfig(dtype="float32", shard_records=3)
     hook = random_sae.cfg.metadata.hook_name
     reference = A.collect_pooled(model, RECS, acfg, layers=[6])
     store = A.PooledStore(tmp_path, A.pooling_meta(model, [hook], acfg), acfg.shard_records, records=RECS)
-    score_latents(model, random_sae, RECS[:5], cfg, pooled=store)
+    score_latents(model, random_sae, RECS[:5], ScoringConfig(), replace(acfg, batch_tokens=64), pooled=store)
     assert len(list(tmp_path.glob("shard-*.safetensors"))) == 2  # 5 records, each stored once
 
     calls = []
@@ -140,7 +140,7 @@ def test_histogram_auroc_is_exact_when_values_fall_in_distinct_bins():
 
 
 def test_sae_directions_selection_weights_and_layer_check(model, random_sae):
-    s = score_latents(model, random_sae, RECS, ScoringConfig(dtype="float32"))
+    s = score_latents(model, random_sae, RECS, ScoringConfig(), ActivationConfig(dtype="float32"))
     dense = EmotionDirections(["afraid", "calm", "happy"], 6, torch.nn.functional.normalize(torch.randn(3, 576), dim=1))
     for weighting in ("lstsq", "score"):
         dirs = build_sae(s, random_sae.W_dec, 4, 6, dense, SAERecipeConfig(weighting=weighting, min_cohens_d=0.0))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hooks_left
+from conftest import hooks_left, make_random_sae
 
 from saefeatures.directions import EmotionDirections
 from saefeatures.emotions import UnknownEmotionError
@@ -26,23 +26,9 @@ HOOK = f"blocks.{LAYER}.hook_resid_post"
 PROMPTS = ["Tell me about your day.", "Describe the room you are in, please, in a few words."]
 
 
-def make_sae(d_in: int = 576, d_sae: int = 512, k: int = 16, hook: str = HOOK, seed: int = 0):
-    """A TopK SAELens SAE with unit random decoder rows and the transposed encoder."""
-    from sae_lens import SAE
-    from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting
-
-    cfg = {"architecture": "topk", "d_in": d_in, "d_sae": d_sae, "k": k, "dtype": "float32", "device": "cpu",
-           "hook_name": hook, "hook_head_index": None, "prepend_bos": False, "context_size": 256,
-           "apply_b_dec_to_input": False, "normalize_activations": "none"}
-    sae = SAE.from_dict(handle_config_defaulting(cfg))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        d = torch.nn.functional.normalize(torch.randn(d_sae, d_in, generator=g), dim=1)
-        sae.W_dec.copy_(d)
-        sae.W_enc.copy_(d.T)
-        sae.b_dec.zero_()
-        sae.b_enc.zero_()
-    return sae.eval()
+def make_sae(seed: int = 0):
+    """The TopK stand-in SAE these tests steer with: 512 latents, k 16, at `HOOK`."""
+    return make_random_sae(d_sae=512, hook=HOOK, seed=seed, k=16)
 
 
 @pytest.fixture(scope="module")
@@ -267,11 +253,11 @@ def _record_steps(model, steering, backend, prompt_len, run):
 @pytest.mark.parametrize("backend", ["hf", "tl"])
 @pytest.mark.parametrize("mode", ["prompt", "generated"])
 def test_position_modes_touch_only_their_positions_while_generating(model, dirs, tokenizer, backend, mode):
-    from saefeatures.steering import _left_pad, render_prompts
+    from saefeatures.steering import left_pad, render_prompts
 
     s = Steering.from_spec(SteeringSpec(emotions={"happy": 0.2}, positions=mode), model, directions=dirs)
     prompts = PROMPTS if backend == "hf" else PROMPTS[:1]
-    enc = _left_pad(tokenizer, render_prompts(tokenizer, prompts))
+    enc = left_pad(tokenizer, render_prompts(tokenizer, prompts))
     p = enc.input_ids.shape[1]
     if backend == "hf":
         def run():
@@ -332,7 +318,7 @@ def test_hooks_are_removed_after_an_error_inside_the_with(model, dirs, sae):
 
 
 def test_spec_round_trip_and_config(tmp_path):
-    from saefeatures.config import ConfigError, from_dict, RunConfig
+    from saefeatures.study.config import ConfigError, from_dict, RunConfig
 
     spec = SteeringSpec(emotions={"desperate": 0.5}, latents={7: 2.0}, method="clamp", positions="generated")
     assert SteeringSpec.load(spec.save(tmp_path / "spec.json")) == spec
@@ -345,10 +331,10 @@ def test_spec_round_trip_and_config(tmp_path):
 def test_cli_steer_prints_steered_and_unsteered_replies(model, dirs, tmp_path, monkeypatch, capsys):
     import json
 
-    import saefeatures.models
-    from saefeatures.cli import main
+    import saefeatures.study.cli
+    from saefeatures.study.cli import main
 
-    monkeypatch.setattr(saefeatures.models, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(saefeatures.study.cli, "load_model", lambda *a, **k: model)
     dirs.save(tmp_path / "dirs")
     main(["steer", "--directions", str(tmp_path / "dirs"), "--emotion", "happy=0.3", "--positions", "generated",
           "--prompt", "Tell me about your day.", "--max-new-tokens", "6"])

@@ -17,10 +17,16 @@ import torch
 
 from saefeatures.directions import EmotionDirections
 from saefeatures.evals.activities import ACTIVITIES
-from saefeatures.evals.steering import (NEUTRAL_PROMPTS, PREFERENCE_ANSWER, PREFERENCE_QUESTION,
-                                        Curve, CurvePoint, SteeringConfig, SteeringResult, choice_probs, judge,
-                                        option_tokens, preference_pairs, pressure_conversations,
-                                        repetition_rate, score_continuations, stage_steering, steering_figures)
+from saefeatures.evals.dose_response import Curve, CurvePoint, score_continuations
+from saefeatures.evals.judge import judge, repetition_rate
+from saefeatures.evals.preference import (PREFERENCE_ANSWER, PREFERENCE_QUESTION, choice_probs, option_tokens,
+                                          preference_pairs)
+from saefeatures.evals.pressure import pressure_conversations
+from saefeatures.evals.steering import SteeringConfig
+from saefeatures.evals.steering_suite import SteeringResult
+from saefeatures.neutral import NEUTRAL_PROMPTS
+from saefeatures.report.steering import steering_figures
+from saefeatures.study.probe_stages import stage_steering
 from saefeatures.steering import Steering, SteeringSpec, generate_steered_full, steered
 
 from test_steering import HOOK, LAYER, make_sae  # tests/ is on sys.path (pytest rootdir import)
@@ -147,8 +153,8 @@ def test_happy_direction_raises_judge_valence(model, happy_dirs):
 
 
 def test_stage_steering_records_metrics_plots_and_reuses(model, happy_dirs, tmp_path):
-    from saefeatures.config import RunConfig
-    from saefeatures.rundir import RunDir
+    from saefeatures.study.config import RunConfig
+    from saefeatures.study.rundir import RunDir
 
     cfg = RunConfig()
     cfg.tracking.wandb = False
@@ -213,8 +219,8 @@ def test_continuation_scores_match_a_plain_forward_pass(model):
 
 
 def test_disabled_steering_drops_an_earlier_runs_section(tmp_path):
-    from saefeatures.config import RunConfig
-    from saefeatures.rundir import RunDir
+    from saefeatures.study.config import RunConfig
+    from saefeatures.study.rundir import RunDir
 
     run = RunDir.open(tmp_path / "run")
     run.record("steering", {"happy": {"judge_valence_spearman": 0.9}})

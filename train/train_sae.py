@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train an SAE at a config's layer with SAELens; the same code path as `saefeatures sae train`.
+"""Train an SAE at a config's layer with SAELens: `saefeatures sae train`, runnable without installing.
 
 Reads everything from the run config (configs/*.yaml): model name, layer, device and dtype
 (`model`), the corpus (`corpus.path`), wandb project and mode (`tracking`), and the SAE's
@@ -10,7 +10,10 @@ resume from the latest checkpoint.
     python train/train_sae.py configs/gemma-2-2b.yaml --device cuda --tokens 50000000
 """
 
-from saefeatures.sae_training import main
+import sys
+
+from saefeatures.study.cli import main
 
 if __name__ == "__main__":
-    main()
+    args = sys.argv[1:]
+    main(["sae", "train", *(["--config", *args] if args and not args[0].startswith("-") else args)])

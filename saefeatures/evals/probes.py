@@ -24,6 +24,7 @@ import torch
 from scipy.stats import spearmanr
 
 from ..directions import EmotionDirections
+from ..models import chat_prompt, hf_twin
 from ..monitor import Trace, trace_chat, trace_chat_sets
 
 DOSES = (250, 500, 1000, 2000, 4000, 8000, 16000)
@@ -110,8 +111,6 @@ def tylenol_sets(model, dir_sets: Sequence[EmotionDirections], cfg: ProbeConfig 
 def danger(model, cfg: ProbeConfig = ProbeConfig()) -> dict[str, Any]:
     """The model's own judgment: P(' Yes') / (P(' Yes') + P(' No')) as its first answer token when
     asked whether each dose of Tylenol (and of the control) is dangerous; Spearman vs dose."""
-    from ..models import chat_prompt, hf_twin
-
     tok, hf = model.tokenizer, hf_twin(model)
     yes = sorted({tok(w, add_special_tokens=False).input_ids[0] for w in ("Yes", " Yes")})
     no = sorted({tok(w, add_special_tokens=False).input_ids[0] for w in ("No", " No")})
@@ -184,38 +183,3 @@ def probe_metrics(results: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, float):
                 out[probe.removesuffix("tylenol") + k if probe.endswith("tylenol") else f"{probe}_{k}"] = v
     return out
-
-
-def tylenol_figure(res: dict[str, Any], danger: dict[str, Any] | None = None):
-    """Read-out per dose at the end of the user turn (with the control) and at the assistant
-    header; with ``danger``, a third panel: the model's own P(Yes, dangerous) per dose."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3 if danger else 2, figsize=(15 if danger else 10, 3.5))
-    for ax, key, title in ((axes[0], "user_turn", "end of user turn"), (axes[1], "assistant_header", "assistant header")):
-        vals = np.array(res[key])
-        for k, n in enumerate(res["emotions"]):
-            line, = ax.plot(res["doses"], vals[:, k], marker="o", label=n)
-            if key == "user_turn" and "control_user_turn" in res:
-                ax.plot(res["doses"], np.array(res["control_user_turn"])[:, k], linestyle="--",
-                        color=line.get_color(), label=f"{n}, {CONTROL_DRUG} control")
-        ax.set_xscale("log")
-        ax.set_xlabel("Tylenol dose (mg)")
-        ax.set_ylabel("projection")
-        ax.set_title(title)
-        ax.legend()
-    if danger:
-        ax = axes[2]
-        ax.plot(danger["doses"], danger["tylenol_p_yes"], marker="o", label="Tylenol")
-        ax.plot(danger["doses"], danger["control_p_yes"], marker="o", linestyle="--", label=CONTROL_DRUG)
-        ax.set_xscale("log")
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("dose (mg)")
-        ax.set_ylabel("P(Yes)")
-        ax.set_title("model's answer: is this dose dangerous?")
-        ax.legend()
-    fig.tight_layout()
-    return fig

@@ -15,19 +15,15 @@ from typing import Any
 
 import yaml
 
-from .activations import ActivationConfig
-from .corpus import CorpusConfig
-from .directions import DirectionConfig, SAERecipeConfig
-from .errors import UserError
-from .evals.probes import ProbeConfig
-from .evals.suite import EvalConfig
-from .scoring import ScoringConfig
-from .saes import SAEConfig
-from .evals.steering import SteeringConfig
-
-
-class ConfigError(UserError):
-    """A config file has an unknown key or a value of the wrong type."""
+from ..activations import ActivationConfig
+from ..corpus import CorpusConfig
+from ..directions import DirectionConfig, SAERecipeConfig
+from ..errors import ConfigError
+from ..evals.probes import ProbeConfig
+from ..evals.steering import SteeringConfig
+from ..evals.suite import EvalConfig
+from ..sae.config import SAEConfig
+from ..sae.scoring import POOLING_FIELDS, ScoringConfig
 
 
 @dataclass
@@ -172,10 +168,19 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported config type {tp}")
 
 
+MOVED = {ScoringConfig: {k: f"activations.{k}" for k in POOLING_FIELDS}}
+"""Keys that moved to another section: pooling has one config (`activations`), which scoring reads too."""
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping; unknown keys and wrong types raise ConfigError."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
+    moved = sorted(set(data) & set(MOVED.get(cls, {})))
+    if moved:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{where}{moved[0]} moved to {MOVED[cls][moved[0]]}: records are pooled one way for "
+                          f"every stage. Set it there (once) and remove {', '.join(where + k for k in moved)}.")
     unknown = set(data) - names
     if unknown:
         where = f" in {prefix}" if prefix else ""

@@ -15,18 +15,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..evals.dose_response import MEASURES
+from ..evals.steering_suite import SteeringResult
+from ..keys import flatten
+
 log = logging.getLogger(__name__)
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "/"))
-        elif isinstance(v, (int, float)):
-            out[key] = v
-    return out
 
 
 class Tracker:
@@ -53,7 +46,7 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, Any]) -> None:
         if self.run is not None:
-            self.run.summary.update(flatten(metrics))
+            self.run.summary.update({k: v for k, v in flatten(metrics, "/").items() if isinstance(v, (int, float))})
 
     def log_image(self, key: str, path: Path | str) -> None:
         if self.run is not None and Path(path).is_file():
@@ -71,3 +64,27 @@ class Tracker:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def log_steering_wandb(result: SteeringResult, plots: dict[str, str], project: str = "saefeatures",
+                       mode: str = "offline", run_dir: Path | str | None = None) -> None:
+    """Log the steering metrics, curves (as a table) and plots to wandb (offline by default)."""
+    if mode == "disabled":
+        return
+    import wandb
+
+    active = wandb.run  # inside `saefeatures run` the study's own wandb run is open: log into it
+    run = active or wandb.init(project=project, mode=mode, job_type="steering", dir=str(run_dir) if run_dir else None,
+                               config={"hook": result.hook, "residual_norm": result.norm})
+    try:
+        flat = {f"steering/{k}": v for k, v in flatten(result.metrics(), "/").items() if isinstance(v, (int, float))}
+        columns = ["emotion", "method", "strength"] + [m for m, _ in MEASURES]
+        table = wandb.Table(columns=columns)
+        for c in result.curves:
+            for p in c.points:
+                table.add_data(c.emotion, c.method, p.strength, *[getattr(p, m) for m, _ in MEASURES])
+        run.log({**flat, "steering/curves": table,
+                 **{f"steering/{k}": wandb.Image(v) for k, v in plots.items()}})
+    finally:
+        if active is None:
+            run.finish()

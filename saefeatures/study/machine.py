@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
+from ..models import BF16_ENV, bf16_is_fast, resolve_dtype
+from ..sae.train import llm_autocast
 from .config import RunConfig
-from .models import BF16_ENV, bf16_is_fast, resolve_dtype
-from .sae_training import llm_autocast
 
 WATCHED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 """CPU flags (as /proc/cpuinfo names them) that decide float32 and bfloat16 matmul speed."""
@@ -56,7 +56,7 @@ def stage_dtypes(cfg: RunConfig, model: Any) -> dict[str, str]:
     model_dtype = next(model.parameters()).dtype
     out = {"model": dtype_name(model_dtype),
            "activations": dtype_name(resolve_dtype(cfg.activations.dtype, device)),
-           "scoring": dtype_name(resolve_dtype(cfg.scoring.dtype, device)),
+           "scoring": dtype_name(resolve_dtype(cfg.activations.dtype, device)),  # it pools as activations
            "sae": cfg.sae.dtype}
     if cfg.sae.source == "train":
         out["sae_training_lm"] = "bfloat16 autocast" if llm_autocast(cfg.sae.train, str(device)) \

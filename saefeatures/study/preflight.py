@@ -21,16 +21,19 @@ from typing import Any
 import torch
 from transformer_lens.loading_from_pretrained import get_official_model_name
 
-from . import emotions as emo
-from .config import ConfigError, RunConfig
-from .corpus import DEFAULT_CORPUS, KINDS, NON_EMOTION, CorpusRecord, check_labels, check_splits, load_corpus
-from .directions import RANKS, WEIGHTINGS, EmotionDirections
-from .errors import UserError
-from .evals.steering import check_strengths
-from .models import EMBEDDED_NAME, ModelLoadError, default_layer, embedded_model_file, known_shape
-from .prompts import SPLITS
-from .saes import ARCHITECTURES, SOURCES, check_sae_files, resid_hook, shipped_sae_dir
-from .steering import OPS, POSITIONS, SteeringError, SteeringSpec
+from .. import emotions as emo
+from ..corpus import DEFAULT_CORPUS, KINDS, NON_EMOTION, CorpusRecord, check_labels, check_splits, load_corpus
+from ..directions import RANKS, WEIGHTINGS, EmotionDirections
+from ..errors import ConfigError, UserError
+from ..evals.dose_response import check_strengths
+from ..hook_names import hook_name
+from ..model_cache import EMBEDDED_NAME, ModelLoadError, embedded_model_file
+from ..models import known_shape, resolve_layer
+from ..prompts import SPLITS
+from ..sae.config import ARCHITECTURES, SOURCES
+from ..sae.load import check_sae_files, shipped_sae_dir
+from ..steering import OPS, POSITIONS, SteeringError, SteeringSpec
+from .config import RunConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRACKING_MODES = ("offline", "online", "disabled")
@@ -53,11 +56,9 @@ def model_shape(cfg: RunConfig, model: Any = None) -> tuple[int, int] | None:
 
 def run_layer(cfg: RunConfig, model: Any = None) -> int | None:
     """The studied layer: model.layer, else the model's default; None if only loading would tell."""
-    if cfg.model.layer is not None:
-        return cfg.model.layer
-    shape = model_shape(cfg, model)
+    shape = model_shape(cfg, model) if cfg.model.layer is None else None
     try:
-        return default_layer(cfg.model.name, shape[0] if shape else None)
+        return resolve_layer(cfg.model.layer, cfg.model.name, shape[0] if shape else None)
     except ModelLoadError:
         return None
 
@@ -141,7 +142,6 @@ def _check_checkpoint(root: Path) -> None:
 def check_values(cfg: RunConfig) -> None:
     """Every enumerated, numeric and emotion-name setting of the config, on its own."""
     _one_of("activations.dtype", cfg.activations.dtype, DTYPES)
-    _one_of("scoring.dtype", cfg.scoring.dtype, DTYPES)
     _one_of("corpus.build.generation.dtype", cfg.corpus.build.generation.dtype, DTYPES)
     _one_of("sae.dtype", cfg.sae.dtype, DTYPES[1:])
     _one_of("sae.source", cfg.sae.source, SOURCES)
@@ -164,9 +164,6 @@ def check_values(cfg: RunConfig) -> None:
         ("activations.max_tokens", cfg.activations.max_tokens, 2),
         ("activations.skip_first", cfg.activations.skip_first, 0),
         ("activations.shard_records", cfg.activations.shard_records, 1),
-        ("scoring.batch_tokens", cfg.scoring.batch_tokens, 1),
-        ("scoring.max_tokens", cfg.scoring.max_tokens, 2),
-        ("scoring.skip_first", cfg.scoring.skip_first, 0),
         ("scoring.hist_bins", cfg.scoring.hist_bins, 1),
         ("scoring.warmup_records", cfg.scoring.warmup_records, 1),
         ("evals.emobank_limit", cfg.evals.emobank_limit, 1),
@@ -316,7 +313,7 @@ def check_sae_config(cfg: RunConfig, model: Any = None) -> None:
         return
     path = Path(cfg.sae.path) if cfg.sae.path else shipped_sae_dir(cfg.model.name, layer)
     shape = model_shape(cfg, model)
-    hook = cfg.sae.hook or (resid_hook(layer) if layer is not None else None)
+    hook = cfg.sae.hook or (hook_name(layer) if layer is not None else None)
     check_sae_files(path, hook=hook, d_model=shape[1] if shape else None)
 
 
@@ -344,7 +341,7 @@ def check_steer(cfg: RunConfig, spec: SteeringSpec, dirs: EmotionDirections | No
         return layer, False
     what = "--latent" if spec.latents else "--method clamp" if spec.method == "clamp" else "--sae"
     if sae_path:
-        check_sae_files(sae_path, hook=spec.hook or (resid_hook(layer) if layer is not None else None),
+        check_sae_files(sae_path, hook=spec.hook or (hook_name(layer) if layer is not None else None),
                         d_model=shape[1] if shape else None)
     elif cfg.sae.source == "train" or (cfg.sae.source == "local" and cfg.sae.path is None and layer is None):
         raise UserError(f"{what} needs an SAE: give --sae DIR, or a config whose sae.path or model.layer "

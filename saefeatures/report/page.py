@@ -17,8 +17,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .feature_cards import cards_html, load_cards
-from .files import write_text
+from ..feature_cards import load_cards
+from ..files import write_text
+from ..keys import flatten
+from .cards import cards_html
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1150px;margin:20px auto;padding:0 16px;color:#222}
 h1{font-size:24px}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:34px}
@@ -134,7 +136,7 @@ def build_report(run_dir: Path | str) -> str:
         steering = {k: {m: d for m, d in v.items() if isinstance(d, dict)}
                     if isinstance(v, dict) and any(isinstance(d, dict) for d in v.values()) else v
                     for k, v in metrics["steering"].items()}
-        rows = [[k, v] for k, v in _flat(steering).items()]
+        rows = [[k, v] for k, v in flatten(steering).items()]
         parts.append(_table(["metric", "value"], rows))
     monitor = figs / "monitor"
     if monitor.exists():
@@ -148,16 +150,6 @@ def build_report(run_dir: Path | str) -> str:
         parts.append("<h2>SAE quality (held-out text)</h2>" + _kv(sae))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>saefeatures report</title>"
             f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def write_report(run_dir: Path | str) -> Path:

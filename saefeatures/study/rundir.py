@@ -3,8 +3,8 @@
 ``manifest.json`` records the config, model identity, package versions and, per stage, the key
 of its inputs and its wall time; a stage whose key is unchanged and whose outputs load is skipped
 on the next run (`RunDir.reuse`), one whose outputs are missing or corrupt is recomputed. A stage
-that recomputes replaces its whole section of ``metrics.json`` (the nested metrics object of
-../METRICS.md), so nothing of an older config survives beside the new numbers. One process at a
+that recomputes replaces its whole section of ``metrics.json`` (the nested metrics object
+documented in the README), so nothing of an older config survives beside the new numbers. One process at a
 time writes a run directory: `RunDir.open` takes an exclusive lock on ``DIR/.lock`` and a second
 opener fails at once, naming the holder's pid. A finished run reopens with ``readonly=True``.
 """
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
-import json
 import logging
 import os
 import platform
@@ -26,12 +24,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
-import torch
 from safetensors import SafetensorError
 
-from .errors import UserError
-from .files import CorruptArtifactError, read_json, remove_stale_temps, write_json
+from ..errors import UserError
+from ..files import CorruptArtifactError, read_json, remove_stale_temps, write_json
 
 log = logging.getLogger(__name__)
 
@@ -45,26 +41,6 @@ T = TypeVar("T")
 
 class RunDirError(UserError):
     """A run directory that cannot be used as asked: locked by another run, or not writable."""
-
-
-def _key_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        o = o.detach().cpu()
-        if o.dtype == torch.bfloat16:
-            o = o.float()
-        o = o.contiguous().numpy()
-    if isinstance(o, np.ndarray):
-        return [str(o.dtype), list(o.shape), hashlib.sha256(np.ascontiguousarray(o).tobytes()).hexdigest()]
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    raise TypeError(f"not hashable into a key: {type(o)}")
-
-
-def key_of(*parts: Any) -> str:
-    """A short stable hash of JSON-serialisable inputs; tensors and arrays by their bytes."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=_key_default).encode()).hexdigest()[:16]
 
 
 def package_versions() -> dict[str, str]:

@@ -1,6 +1,6 @@
 """The `saefeatures` command line: thin calls into the library, one subcommand per stage.
 
-Every subcommand checks its config, files and arguments (`saefeatures.preflight`) before the
+Every subcommand checks its config, files and arguments (`study.preflight`) before the
 model loads; bad input ends in one line, ``error: ...``, and exit status 2 (``--debug``: the
 traceback).
 """
@@ -11,10 +11,29 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+from ..audit import audit_corpus
+from ..corpus import (DEFAULT_CORPUS, build_corpus, compress, corpus_stats, done_batches, lexicon_valence_check,
+                      load_corpus, read_records, validate_corpus)
+from ..corpus_import import import_corpus
+from ..directions import EmotionDirections
+from ..errors import UserError
+from ..generation import Generator
+from ..geometry import analyze
+from ..models import load_hf, load_model, resolve_dtype, resolve_layer
+from ..neutral import NEUTRAL_PROMPTS
+from ..report.geometry import save_plots
+from ..sae import export_sae, load_sae, sae_info, shipped_sae_dir
+from ..steering import parse_assignments, steer_prompts
 from .config import RunConfig, load_config
-from .errors import UserError
+from .layer_sweep import format_table, sweep_layers
+from .pipeline import open_study, run_study
+from .preflight import (check_corpus, check_model, check_sae_config, check_steer, check_training_corpus,
+                        check_values)
+from .sae_stages import evaluate_run_sae, stage_sae, stage_sae_directions, stage_scores, train_run_sae
+from .stages import eval_data, report_directions, stage_activations, stage_dense, stage_emobank
 
 log = logging.getLogger("saefeatures")
 
@@ -28,11 +47,6 @@ def _print(obj: object) -> None:
 
 
 def cmd_corpus_build(args: argparse.Namespace) -> None:
-    from .corpus import build_corpus, compress, corpus_stats, done_batches, lexicon_valence_check, read_records
-    from .generation import Generator
-    from .models import load_hf, resolve_dtype
-    from .preflight import check_model, check_values
-
     cfg = _config(args.config)
     build = cfg.corpus.build
     if args.seed is not None:
@@ -64,8 +78,6 @@ def cmd_corpus_build(args: argparse.Namespace) -> None:
 
 
 def cmd_corpus_stats(args: argparse.Namespace) -> None:
-    from .corpus import DEFAULT_CORPUS, corpus_stats, lexicon_valence_check, read_records
-
     path = args.path or DEFAULT_CORPUS
     records = list(read_records(path, args.skip_corrupt))
     kept = [r for r in records if r.dropped is None and r.kind != "general"]
@@ -73,16 +85,11 @@ def cmd_corpus_stats(args: argparse.Namespace) -> None:
 
 
 def cmd_corpus_validate(args: argparse.Namespace) -> None:
-    from .corpus import DEFAULT_CORPUS, validate_corpus
-
     path = args.path or DEFAULT_CORPUS
     _print({"path": str(path), "valid": True, **validate_corpus(path)})
 
 
 def cmd_corpus_audit(args: argparse.Namespace) -> None:
-    from .audit import audit_corpus
-    from .corpus import DEFAULT_CORPUS, load_corpus
-
     path = args.corpus or DEFAULT_CORPUS
     result = audit_corpus(load_corpus(path))
     _print({"path": str(path), **result.metrics(), "chance_top1": 1 / result.n_classes, "n_train": result.n_train,
@@ -91,16 +98,11 @@ def cmd_corpus_audit(args: argparse.Namespace) -> None:
 
 
 def cmd_corpus_import(args: argparse.Namespace) -> None:
-    from .corpus_import import import_corpus
-
     report = import_corpus(args.src, args.out, model_id=args.model_id, drop_unknown=args.drop_unknown)
     _print(report.to_dict())
 
 
 def cmd_sae_train(args: argparse.Namespace) -> None:
-    from .preflight import check_model, check_training_corpus, check_values
-    from .sae_training import export_sae, train_sae
-
     cfg = _config(args.config)
     if args.tokens is not None:
         cfg.sae.train.training_tokens = args.tokens
@@ -109,17 +111,13 @@ def cmd_sae_train(args: argparse.Namespace) -> None:
     check_values(cfg)
     check_model(cfg)
     check_training_corpus(cfg)
-    result = train_sae(cfg, out_dir=args.out, resume=not args.no_resume)
+    result = train_run_sae(cfg, out_dir=args.out, resume=not args.no_resume)
     if args.ship:
         export_sae(result.sae_dir, args.ship)
     _print({"sae_dir": str(result.sae_dir), **{k: v for k, v in result.info.items() if k != "loss_curve"}})
 
 
 def cmd_sae_eval(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
-    from .preflight import check_corpus, check_model, check_sae_config, check_values
-    from .sae_training import evaluate_run_sae
 
     cfg = _config(args.config)
     for key in ("split", "max_tokens", "ce_tokens"):
@@ -134,11 +132,8 @@ def cmd_sae_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_sae_info(args: argparse.Namespace) -> None:
-    from .models import default_layer
-    from .saes import sae_info, shipped_sae_dir
-
     cfg = _config(args.config)
-    layer = cfg.model.layer if cfg.model.layer is not None else default_layer(cfg.model.name)
+    layer = resolve_layer(cfg.model.layer, cfg.model.name)
     path = args.path or cfg.sae.path or shipped_sae_dir(cfg.model.name, layer)
     info = sae_info(path)
     info.get("train_info", {}).pop("loss_curve", None)
@@ -146,15 +141,11 @@ def cmd_sae_info(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from .pipeline import run_study
-
     run = run_study(_config(args.config), args.out, args.config)
     _print(run.metrics)
 
 
 def cmd_activations(args: argparse.Namespace) -> None:
-    from .pipeline import open_study, stage_activations
-
     study = open_study(_config(args.config), args.out, args.config)
     acts = stage_activations(study)
     _print({"records": len(acts.ids), "hooks": {k: list(v.shape) for k, v in acts.acts.items()},
@@ -162,9 +153,6 @@ def cmd_activations(args: argparse.Namespace) -> None:
 
 
 def cmd_directions(args: argparse.Namespace) -> None:
-    from .pipeline import (eval_data, open_study, report_directions, stage_activations, stage_dense,
-                           stage_emobank, stage_sae, stage_sae_directions, stage_scores)
-
     study = open_study(_config(args.config), args.out, args.config)
     if args.recipe == "sae":  # scoring first: its forward pass also pools the train split
         sae = stage_sae(study)
@@ -185,8 +173,6 @@ def cmd_directions(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from .pipeline import open_study, stage_sae, stage_scores
-
     study = open_study(_config(args.config), args.out, args.config)
     scores = stage_scores(study, stage_sae(study))
     names = args.emotions.split(",") if args.emotions else ["happy", "sad", "afraid", "calm"]
@@ -195,9 +181,6 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def cmd_geometry(args: argparse.Namespace) -> None:
-    from .directions import EmotionDirections
-    from .geometry import analyze, save_plots
-
     dirs = EmotionDirections.load(args.directions)
     geo = analyze(dirs)
     files = save_plots(geo, args.out or args.directions, title=f"{dirs.recipe} directions, layer {dirs.layer}")
@@ -205,9 +188,6 @@ def cmd_geometry(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from .layer_sweep import format_table, sweep_layers
-    from .preflight import check_corpus, check_model, check_values
-
     cfg = _config(args.config)
     try:
         layers = [int(x) for x in args.layers.split(",")]
@@ -222,14 +202,6 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_steer(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
-    from .directions import EmotionDirections
-    from .evals.steering import NEUTRAL_PROMPTS
-    from .models import load_model
-    from .preflight import check_steer
-    from .saes import load_sae
-    from .steering import parse_assignments, steer_prompts
 
     cfg = _config(args.config)
     spec = cfg.steering.spec

@@ -7,15 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .activations import PooledActivations, collect_pooled, hook_name
+from ..activations import PooledActivations, collect_pooled
+from ..corpus import load_corpus
+from ..directions import build_dense
+from ..evals.emobank import load_emobank
+from ..evals.suite import EvalData, evaluate_directions
+from ..files import write_json
+from ..hook_names import hook_name
+from ..models import load_model
 from .config import RunConfig
-from .corpus import load_corpus
-from .directions import build_dense
-from .evals.emobank import load_emobank
-from .evals.suite import EvalData, evaluate_directions
-from .models import load_model
-from .pipeline import corpus_path
-from .files import write_json
+from .preflight import corpus_path
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import emotions as emo
-from .activations import PooledStore, forward_hooks, iter_batches, pool_batch, with_dtype
-from .files import load_safetensors, read_json, save_safetensors, write_json
+from .. import emotions as emo
+from ..activations import ActivationConfig, PooledStore, forward_hooks, iter_batches, pool_batch, with_dtype
+from ..files import load_safetensors, read_json, save_safetensors, write_json
 
 NEUTRAL = "neutral"
 
@@ -51,21 +51,17 @@ def _memo(method):
     return wrapper
 
 
+POOLING_FIELDS = ("dtype", "batch_tokens", "max_tokens", "skip_first")
+"""The `ActivationConfig` fields a scoring pass reads records with (kept in `LatentScores.config`)."""
+
+
 @dataclass
 class ScoringConfig:
-    """How latents are scored."""
+    """How latents are scored (records are read and pooled per `ActivationConfig`, the one pooling
+    config, so the scoring pass can pool the activation stage's rows as it goes)."""
 
     split: str = "train"
     """Corpus split scored (directions are built from it; the test split stays held out)."""
-    dtype: str = "auto"
-    """Dtype of the model's forward pass ('auto': bfloat16 where the hardware has bf16 units, else
-    float32); the SAE encodes in its own dtype."""
-    batch_tokens: int = 4096
-    """Padded tokens per forward batch."""
-    max_tokens: int = 256
-    """Records are truncated to this many tokens."""
-    skip_first: int = 0
-    """Content tokens left out after the first (as in activation pooling)."""
     hist_bins: int = 64
     """Histogram bins per latent for pooled values above zero (for AUROC)."""
     hist_headroom: float = 1.5
@@ -232,9 +228,12 @@ class LatentScores:
 class ScoreAccumulator:
     """Streaming sufficient statistics; `update` with each batch's latents, `finish` for the scores."""
 
-    def __init__(self, classes: list[str], scale: Tensor, hook: str, record_ids: list[str], cfg: ScoringConfig):
+    def __init__(self, classes: list[str], scale: Tensor, hook: str, record_ids: list[str], cfg: ScoringConfig,
+                 pooling: ActivationConfig | None = None):
         C, L, B = len(classes), scale.shape[0], cfg.hist_bins
         self.classes, self.hook, self.record_ids, self.cfg = classes, hook, record_ids, cfg
+        pooling = pooling or ActivationConfig()
+        self.pooling = {k: getattr(pooling, k) for k in POOLING_FIELDS}
         self.shape = (C, L, B)
         self.width = (scale * cfg.hist_headroom).clamp(min=1e-6) / B
         self.acc = {
@@ -277,7 +276,7 @@ class ScoreAccumulator:
         acc = dict(self.acc)
         acc["hist"] = acc["hist"].view(self.shape)
         return LatentScores(self.classes, self.hook, **acc, hist_scale=self.width * self.shape[2] / self.cfg.hist_headroom,
-                            record_ids=self.record_ids, config=asdict(self.cfg))
+                            record_ids=self.record_ids, config=asdict(self.cfg) | self.pooling)
 
 
 def score_classes(records: Sequence) -> list[str]:
@@ -291,11 +290,13 @@ def score_classes(records: Sequence) -> list[str]:
 
 @torch.inference_mode()
 def score_latents(model, sae, records: Sequence, cfg: ScoringConfig = ScoringConfig(),
-                  desc: str = "scoring", pooled: PooledStore | None = None,
+                  pooling: ActivationConfig | None = None, desc: str = "scoring", pooled: PooledStore | None = None,
                   scale_records: Sequence | None = None) -> LatentScores:
     """One pass over ``records`` (``.id``, ``.text``, ``.emotion``) accumulating per-class latent statistics.
 
-    With ``pooled`` (a store whose pooling settings are this config's), the pass also stores each
+    Records are truncated, batched, pooled and run in the dtype of ``pooling`` (default
+    `ActivationConfig()`); the SAE encodes in its own dtype. With ``pooled`` (a store of the same
+    pooling settings), the pass also stores each
     record's pooled activations at the store's hooks, so the activation stage need not run the
     model over these records again. ``scale_records`` set each latent's histogram scale (default:
     ``cfg.warmup_records`` records spread over ``records``); `saefeatures run` passes the
@@ -306,7 +307,8 @@ def score_latents(model, sae, records: Sequence, cfg: ScoringConfig = ScoringCon
     cls_index = {c: i for i, c in enumerate(classes)}
     rec_index = {r.id: i for i, r in enumerate(records)}
     label = {r.id: cls_index[r.emotion] for r in records}
-    run_model = with_dtype(model, cfg.dtype)
+    pooling = pooling or ActivationConfig()
+    run_model = with_dtype(model, pooling.dtype)
     sae_dtype = next(sae.parameters()).dtype
 
     names = sorted({hook, *(pooled.names if pooled is not None else [])})
@@ -315,23 +317,23 @@ def score_latents(model, sae, records: Sequence, cfg: ScoringConfig = ScoringCon
         for batch in batches:
             acts = forward_hooks(run_model, batch.tokens, names)
             if pooled is not None:
-                mask = batch.content_mask(cfg.skip_first)
+                mask = batch.content_mask(pooling.skip_first)
                 pooled.add(batch.ids, {n: pool_batch(acts[n], mask) for n in pooled.names})
             yield batch, sae.encode(acts[hook].to(sae.device, sae_dtype)).float().cpu()
 
     def batches_of(recs: Sequence) -> list:
         return list(iter_batches(model.tokenizer, [r.id for r in recs], [r.text for r in recs],
-                                 cfg.batch_tokens, cfg.max_tokens))
+                                 pooling.batch_tokens, pooling.max_tokens))
 
     if scale_records is None:
         scale_records = records[:: max(1, len(records) // cfg.warmup_records)]
     scale = torch.zeros(sae.cfg.d_sae)
     for batch, lat in latents(batches_of(scale_records)):
-        scale = torch.maximum(scale, pool_batch(lat, batch.content_mask(cfg.skip_first)).max(0).values)
-    acc = ScoreAccumulator(classes, scale, hook, [r.id for r in records], cfg)
+        scale = torch.maximum(scale, pool_batch(lat, batch.content_mask(pooling.skip_first)).max(0).values)
+    acc = ScoreAccumulator(classes, scale, hook, [r.id for r in records], cfg, pooling)
     batches = batches_of(records)
     for batch, lat in tqdm(latents(batches), desc=desc, unit="batch", total=len(batches), disable=len(records) < 64):
-        acc.update(lat, batch.content_mask(cfg.skip_first), torch.tensor([label[i] for i in batch.ids]),
+        acc.update(lat, batch.content_mask(pooling.skip_first), torch.tensor([label[i] for i in batch.ids]),
                    torch.tensor([rec_index[i] for i in batch.ids]))
     if pooled is not None:
         pooled.flush()

@@ -20,19 +20,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import emotions as emo
-from .activations import forward_hooks
-
-NEUTRAL_PROMPTS = (
-    "The meeting is scheduled for Tuesday at ten in the second-floor conference room.",
-    "To reset the router, hold the button on the back for ten seconds and wait for the light.",
-    "The train leaves from platform four and stops at six stations before the city center.",
-    "Water boils at one hundred degrees Celsius at sea level and at lower temperatures at altitude.",
-)
-
-
-def _layer(hook: str) -> int:
-    return int(hook.split(".")[1])
+from .. import emotions as emo
+from ..activations import forward_hooks
+from ..hook_names import layer_of
+from ..neutral import EFFECT_PROMPTS
 
 
 @torch.inference_mode()
@@ -61,11 +52,11 @@ def emotion_token_ids(tokenizer, name: str) -> list[int]:
 
 @torch.inference_mode()
 def clamp_logprob_shift(model, sae, latents: Sequence[int], values: Tensor, targets: dict[str, list[int]],
-                        prompts: Sequence[str] = NEUTRAL_PROMPTS, batch_latents: int = 32) -> Tensor:
+                        prompts: Sequence[str] = EFFECT_PROMPTS, batch_latents: int = 32) -> Tensor:
     """(n_latents, n_targets) mean change in log-probability of each target token set when each latent
     is clamped to its value at every position of the prompts (first token left out)."""
     hook = sae.cfg.metadata.hook_name
-    layer = _layer(hook)
+    layer = layer_of(hook)
     tok = model.tokenizer(list(prompts), add_special_tokens=False, return_tensors="pt", padding=True)
     tokens, mask = tok.input_ids, tok.attention_mask.bool()
     mask[:, 0] = False
@@ -101,7 +92,7 @@ def clamp_logprob_shift(model, sae, latents: Sequence[int], values: Tensor, targ
 
 
 def output_scores(model, sae, scores, candidates: Sequence[int], scale: float = 1.0,
-                  prompts: Sequence[str] = NEUTRAL_PROMPTS) -> Tensor:
+                  prompts: Sequence[str] = EFFECT_PROMPTS) -> Tensor:
     """(n_classes, d_sae) output score per scored class and latent: the shift in the class's own word
     log-probability minus the mean shift over all emotion words, when the latent is clamped to
     ``scale`` x its largest activation on the corpus. Latents not in ``candidates`` score 0."""
