@@ -31,7 +31,9 @@ from . import emotions as emo
 from . import prompts
 from .errors import UserError
 from .files import atomic_path
+from .emotions import emotion_forms, names_emotion
 from .generation import GenerationConfig, Generator, batch_seed
+from .recipes import character_name, get_recipe, read_texts
 
 log = logging.getLogger(__name__)
 
@@ -149,37 +151,6 @@ def load_corpus(
 REFUSAL = re.compile(
     r"\b(I'm sorry,? but|I am sorry,? but|I cannot|I can't (?:write|help|do)|as an AI|I'm unable|"
     r"I am unable|I'm not able to|language model)\b", re.IGNORECASE)
-_SUFFIXES = ("", "s", "es", "d", "ed", "ly", "ily", "ness", "iness", "ing", "ion", "ation", "ment",
-             "ful", "fully", "ity", "ies", "ier", "iest", "ance", "ence", "ant", "ent", "er", "est")
-
-
-def emotion_forms(name: str) -> set[str]:
-    """Surface forms that name an emotion: the word, its lemma, and their inflections."""
-    if " " in name or "-" in name:
-        return {name, name.replace("-", " "), name.replace(" ", "-")}
-    bases = {name, *emo.lemma_candidates(name)[1:]}
-    rated = emo.rate(name)[2]
-    if rated:
-        bases.add(rated)
-    stems = set()
-    for b in bases:
-        if len(b) < 3:
-            continue
-        stems.add(b)
-        if b[-1] in "ey":
-            stems.add(b[:-1])
-    return {s + suf for s in stems for suf in _SUFFIXES if len(s + suf) >= 3}
-
-
-def _forms_regex(name: str) -> re.Pattern[str]:
-    forms = sorted(emotion_forms(name), key=len, reverse=True)
-    return re.compile(r"\b(?:" + "|".join(re.escape(f) for f in forms) + r")\b", re.IGNORECASE)
-
-
-def names_emotion(text: str, name: str) -> bool:
-    return bool(_forms_regex(name).search(text))
-
-
 def too_short(text: str, min_words: int = 40) -> bool:
     return len(text.split()) < min_words
 
@@ -309,7 +280,6 @@ def plan_corpus(cfg: CorpusConfig) -> list[Batch]:
     by_split = prompts.topics_by_split(topics)
     if any(not v for v in by_split.values()):
         raise ValueError(f"topics={cfg.topics} leaves a split without topics; use at least 10 topics.")
-    from .recipes import character_name, get_recipe
 
     recipe = get_recipe(cfg.recipe)
     n = cfg.stories_per_emotion
@@ -404,7 +374,6 @@ class BuildReport:
 
 def model_recognizer(generator: Generator, max_tokens: int = 128, calibrated: bool = False):
     """``(texts, emotions) -> ranks``: the generating model's recognition of each text's emotion."""
-    from .recipes import read_texts
 
     def recognize(texts: list[str], emotions: list[str]) -> list[int]:
         out = read_texts(generator.hf, generator.tokenizer, texts, emotions, max_tokens=max_tokens)
@@ -421,7 +390,6 @@ def build_corpus(
 
     With ``cfg.recognition_rank`` the model (or ``recognizer``: ``(texts, emotions) -> ranks``) reads
     each emotion text of a batch before the batch is written, so a resumed build reads nothing twice."""
-    from .recipes import get_recipe
 
     recipe = get_recipe(cfg.recipe)
     reading = cfg.recognition_rank > 0 or cfg.recognition_keep > 0

@@ -13,6 +13,7 @@ missing keep ``None`` and are listed by `unrated()`.
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
@@ -149,3 +150,35 @@ def coverage_report() -> str:
         f"({len(EMOTIONS) - len(missing) - len(fallback)} exact, {len(fallback)} by lemma).\n"
         f"Lemma fallbacks: {', '.join(fallback)}\nNo rating: {', '.join(missing)}"
     )
+
+
+_SUFFIXES = ("", "s", "es", "d", "ed", "ly", "ily", "ness", "iness", "ing", "ion", "ation", "ment",
+             "ful", "fully", "ity", "ies", "ier", "iest", "ance", "ence", "ant", "ent", "er", "est")
+
+
+def emotion_forms(name: str) -> set[str]:
+    """Surface forms that name an emotion: the word, its lemma, and their inflections."""
+    if " " in name or "-" in name:
+        return {name, name.replace("-", " "), name.replace(" ", "-")}
+    bases = {name, *lemma_candidates(name)[1:]}
+    rated = rate(name)[2]
+    if rated:
+        bases.add(rated)
+    stems = set()
+    for b in bases:
+        if len(b) < 3:
+            continue
+        stems.add(b)
+        if b[-1] in "ey":
+            stems.add(b[:-1])
+    return {s + suf for s in stems for suf in _SUFFIXES if len(s + suf) >= 3}
+
+
+def forms_regex(name: str) -> re.Pattern[str]:
+    """Matches any surface form of the emotion (`emotion_forms`), case-insensitively."""
+    forms = sorted(emotion_forms(name), key=len, reverse=True)
+    return re.compile(r"\b(?:" + "|".join(re.escape(f) for f in forms) + r")\b", re.IGNORECASE)
+
+
+def names_emotion(text: str, name: str) -> bool:
+    return bool(forms_regex(name).search(text))

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 
 from . import emotions as emo
+from . import prompts
+from .emotions import forms_regex
 
 RECOGNITION_QUESTION = "\n\nQ: In one word, how does the person in this text feel?\nA: They feel"
 """Appended to a text for `recognition_ranks` (plain text, no chat template: read as the corpus is)."""
@@ -60,8 +62,6 @@ class Recipe:
 
 
 def _recipes() -> dict[str, Recipe]:
-    from . import prompts
-
     return {r.name: r for r in (
         Recipe("paper", prompts.STORY_TEMPLATE),
         Recipe("cause", prompts.CAUSE_TEMPLATE, ban_words=False),
@@ -90,12 +90,10 @@ def character_name(seed: int, key: str) -> str:
 
 def emotion_token_mask(tokenizer, text: str, emotion: str, max_tokens: int) -> torch.Tensor:
     """Bool (n_tokens,) over ``text``'s tokens (no special tokens, truncated): True where a token
-    overlaps a word form of ``emotion`` (`corpus.emotion_forms`)."""
-    from .corpus import _forms_regex
-
+    overlaps a word form of ``emotion`` (`emotions.emotion_forms`)."""
     enc = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_tokens,
                     return_offsets_mapping=True)
-    spans = [m.span() for m in _forms_regex(emotion).finditer(text)]
+    spans = [m.span() for m in forms_regex(emotion).finditer(text)]
     return torch.tensor([any(s < b and a < e for s, e in spans) for a, b in enc["offset_mapping"]], dtype=torch.bool)
 
 
