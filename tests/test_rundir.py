@@ -1,6 +1,5 @@
 """The run directory: lock, atomic writes, corrupt artifacts, section replacement, read-only use."""
 
-import json
 import os
 import subprocess
 import sys
@@ -9,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saefeatures.files import (CorruptArtifactError, load_safetensors, read_json, save_safetensors, write_json,
-                               write_text)
+from saefeatures.files import CorruptArtifactError, load_safetensors, read_json, save_safetensors, write_json
 from saefeatures.keys import key_of
 from saefeatures.study.rundir import RunDir, RunDirError
 

@@ -247,7 +247,7 @@ class ScoreAccumulator:
 
     def update(self, lat: Float[Tensor, "b pos L"], mask: Tensor, y: Tensor, rec: Tensor) -> None:
         """Add a batch: latents (zeroed outside ``mask``), class index ``y`` and record index ``rec`` per row."""
-        acc, (C, L, B) = self.acc, self.shape
+        acc, (_, L, B) = self.acc, self.shape
         raw = lat.float()
         lat = raw * mask[..., None]
         n_tok = mask.sum(1)
