@@ -1,7 +1,8 @@
 """Batched, seeded text generation with the HuggingFace twin of the subject model.
 
 transformers' ``generate`` with the KV cache runs several times faster than TransformerLens'
-generate on CPU (`scripts/bench_steering.py` measures both), so corpus building and steered generation both go through it.
+generate on CPU (`scripts/bench_steering.py` measures both), so corpus building and steered
+generation both go through it.
 """
 
 from __future__ import annotations
