@@ -155,7 +155,7 @@ def test_resumed_recipe_build_loses_and_duplicates_nothing(tmp_path):
 
 
 def test_config_yaml_takes_recipe(tmp_path):
-    from saefeatures.config import load_config
+    from saefeatures.study.config import load_config
 
     path = tmp_path / "c.yaml"
     path.write_text("corpus:\n  build:\n    recipe: prefill\n    recognition_rank: 20\n")
