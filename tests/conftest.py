@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -316,3 +317,40 @@ def dtype_tests_are_marked(request):
         pytest.fail(f"this test depends on the dtype 'auto' resolves to (bf16_is_fast was asked in "
                     f"{DTYPE_QUERIES[0]!r}): mark it @pytest.mark.dtype so that make test also runs it "
                     "with SAEFEATURES_BF16 flipped")
+
+
+SMALL_RUN_EMOTIONS = ("happy", "sad", "afraid", "calm", "angry", "grateful", "bored", "proud", "desperate", "excited")
+BENCH_STORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "emotion-vector-bench" / "stories"
+
+
+@pytest.fixture(scope="session")
+def small_run(model, tmp_path_factory):
+    """The whole study on ten emotions of the shipped corpus with the shipped SAE: (cfg, out, run).
+    Shared by every test that needs a finished run; tests that use it are marked `dtype`."""
+    from saefeatures.corpus import load_corpus
+    from saefeatures.study.config import RunConfig, from_dict
+    from saefeatures.study.pipeline import run_study
+
+    root = tmp_path_factory.mktemp("run")
+    records = load_corpus()
+    small = [r for r in records if r.emotion in SMALL_RUN_EMOTIONS]
+    small += [r for r in records if r.emotion == "neutral"][::8]
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(r.to_json() + "\n" for r in small))
+    cfg = from_dict(RunConfig, {
+        "corpus": {"path": str(corpus)},
+        "activations": {"layers": [12]},  # a two-layer sweep
+        "scoring": {"warmup_records": 32},
+        "evals": {"emobank_limit": 150, "reader_path": str(BENCH_STORIES), "reader_per_emotion": 3},
+        "sae": {"eval": {"max_tokens": 2048, "ce_tokens": 512}},
+        "sae_directions": {"recipe": {"ks": [1, 4]}, "main_k": 4, "output_candidates": 4,
+                           "cards_per_emotion": 1, "card_snippets": 2},
+        "monitor": {"calibration_texts": 8},
+        "steering": {"emotions": ["happy", "afraid"], "strengths": [0.0, 0.1, 0.2], "samples_per_prompt": 2,
+                     "max_new_tokens": 16, "preference": False,
+                     "prompts": ["Tell me about your day.", "Describe your street."]},
+        "tracking": {"mode": "offline"},
+    })
+    out = root / "out"
+    run = run_study(cfg, out, model=model)
+    return cfg, out, run

@@ -2,48 +2,17 @@
 
 import json
 import os
-from pathlib import Path
 
 import pytest
+from conftest import SMALL_RUN_EMOTIONS as EMOTIONS
 from conftest import dtype_tolerance
 
-from saefeatures.study.config import RunConfig, from_dict
 from saefeatures.corpus import load_corpus
 from saefeatures.directions import EmotionDirections
 from saefeatures.models import BF16_ENV, bf16_is_fast
 from saefeatures.study.pipeline import run_study
 
-BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "emotion-vector-bench" / "stories"
 pytestmark = pytest.mark.dtype  # activations and scoring run in the dtype 'auto' resolves to
-
-EMOTIONS = ("happy", "sad", "afraid", "calm", "angry", "grateful", "bored", "proud", "desperate", "excited")
-
-
-@pytest.fixture(scope="module")
-def small_run(model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    records = load_corpus()
-    small = [r for r in records if r.emotion in EMOTIONS]
-    small += [r for r in records if r.emotion == "neutral"][::8]
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(r.to_json() + "\n" for r in small))
-    cfg = from_dict(RunConfig, {
-        "corpus": {"path": str(corpus)},
-        "activations": {"layers": [12]},  # a two-layer sweep
-        "scoring": {"warmup_records": 32},
-        "evals": {"emobank_limit": 150, "reader_path": str(BENCH), "reader_per_emotion": 3},
-        "sae": {"eval": {"max_tokens": 2048, "ce_tokens": 512}},
-        "sae_directions": {"recipe": {"ks": [1, 4]}, "main_k": 4, "output_candidates": 4,
-                           "cards_per_emotion": 1, "card_snippets": 2},
-        "monitor": {"calibration_texts": 8},
-        "steering": {"emotions": ["happy", "afraid"], "strengths": [0.0, 0.1, 0.2], "samples_per_prompt": 2,
-                     "max_new_tokens": 16, "preference": False,
-                     "prompts": ["Tell me about your day.", "Describe your street."]},
-        "tracking": {"mode": "offline"},
-    })
-    out = root / "out"
-    run = run_study(cfg, out, model=model)
-    return cfg, out, run
 
 
 def test_run_writes_manifest_metrics_report_and_directions(small_run):
