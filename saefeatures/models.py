@@ -247,11 +247,15 @@ def hooked_from_hf(hf: Any, tokenizer: Any, name: str, keep_hf: bool = True) -> 
     # only fills missing keys and then copies key by key, each copy walking the module tree (~8 s).
     model.load_state_dict(model.fill_missing_keys(state), strict=True)
     model.to(hf.device, print_details=False)  # built on the CPU (move_to_device=False); follow the HF model
-    # TransformerLens would re-load the tokenizer with add_bos_token=True (from the hub for a
-    # hub name); keep the exact tokenizer, chat template included.
+    # TransformerLens' own setter, so its string entry points (to_tokens, run_with_cache("..."),
+    # generate("...")) work: padding side, pad/BOS defaults, and cfg.tokenizer_prepends_bos. It
+    # swaps in a copy re-read with add_bos_token=True; the exact tokenizer goes back (the HF twin
+    # and callers share it, and tokenizer(text) must not gain a BOS), and the flag describes it.
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    model.set_tokenizer(tokenizer, default_padding_side=tokenizer.padding_side)
     model.tokenizer = tokenizer
+    model.cfg.tokenizer_prepends_bos = len(tokenizer.encode("")) > 0
     model.eval()
     if keep_hf:
         object.__setattr__(model, HF_TWIN_ATTR, hf)  # not a submodule: no duplicate parameters

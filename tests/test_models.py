@@ -77,6 +77,25 @@ def test_resid_hooks_exist_for_every_layer_and_match_hf_hidden_states(model):
     torch.testing.assert_close(cache["blocks.20.hook_resid_post"], hidden, atol=1e-3, rtol=1e-4)
 
 
+def test_transformer_lens_string_api(model):
+    """TransformerLens' own string entry points work on the loaded model (load_model's docstring
+    example among them), tokenizing as the tokenizer does: no BOS it would not add itself."""
+    text = "Hello world, how are you?"
+    ids = model.tokenizer(text, add_special_tokens=False).input_ids
+    tokens = model.to_tokens(text)
+    assert tokens[0].tolist() == ids
+    assert model.to_str_tokens(text) == [model.tokenizer.decode([i]) for i in ids]
+    assert model.to_string(tokens[0]) == text
+    logits, cache = model.run_with_cache("Hello", names_filter="blocks.20.hook_resid_post")
+    hello = model.to_tokens("Hello")
+    assert cache["blocks.20.hook_resid_post"].shape == (1, hello.shape[1], 576)
+    torch.testing.assert_close(logits, model(hello))
+    prompt = "The capital of France is"
+    out = model.generate(prompt, max_new_tokens=3, do_sample=False, verbose=False)
+    assert out.startswith(prompt) and len(out) > len(prompt)
+    assert model.tokenizer.chat_template and model.cfg.default_prepend_bos is False
+
+
 def test_chat_template_renders(model):
     text = M.chat_prompt(model.tokenizer, [{"role": "user", "content": "Hi there"}])
     assert text.endswith("<|im_start|>assistant\n")
