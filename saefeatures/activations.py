@@ -28,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from .errors import UserError
 from .files import CorruptArtifactError, load_safetensors, read_json, save_safetensors, write_json
 from .hf_hooks import HookNameError, parse_hook_name, run_to_hooks
 from .hook_names import hook_name
@@ -59,12 +60,21 @@ class ActivationConfig:
     """Records per safetensors shard (each shard is one unit of resume)."""
 
 
+DTYPE_COPIES_ATTR = "_saefeatures_dtype_copies"
+"""Where `with_dtype` keeps its cast copies on the model: {dtype: (weights stamp, copy)}."""
+
+
 def with_dtype(model: HookedTransformer, dtype: str | torch.dtype) -> HookedTransformer:
     """The model in ``dtype`` ("auto": see `resolve_dtype`): itself if already so, else a cast copy
-    (the original is untouched)."""
+    (the original is untouched). The copy is kept on the model and reused while the original's
+    weights are unchanged (same storage, no in-place update), so repeated reads build it once."""
     dtype = resolve_dtype(dtype, model.cfg.device)
     if model.cfg.dtype == dtype:
         return model
+    stamp = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    copies = vars(model).setdefault(DTYPE_COPIES_ATTR, {})
+    if dtype in copies and copies[dtype][0] == stamp:
+        return copies[dtype][1]
     # A new dict: TransformerLens' to_dict() is the config's own __dict__, and writing the dtype
     # into it turned the original's cfg.dtype to bfloat16 over float32 weights (issue 13).
     # No random initialisation: every parameter is overwritten below (and the global RNG is left alone).
@@ -73,11 +83,13 @@ def with_dtype(model: HookedTransformer, dtype: str | torch.dtype) -> HookedTran
     # Parameters only: buffers (rotary tables, masks) are rebuilt by the constructor in `dtype`.
     missing = copy.load_state_dict({k: v.to(dtype) for k, v in model.named_parameters()}, strict=False).missing_keys
     assert not set(missing) & dict(copy.named_parameters()).keys(), missing
-    copy.tokenizer = model.tokenizer
+    copy.tokenizer = model.tokenizer  # cfg (copied above) already says whether it prepends BOS
     for attr in ("_saefeatures_identity",):
         if hasattr(model, attr):
             object.__setattr__(copy, attr, getattr(model, attr))
-    return copy.to(model.cfg.device, print_details=False).eval()
+    copy = copy.to(model.cfg.device, print_details=False).eval()
+    copies[dtype] = (stamp, copy)
+    return copy
 
 
 @dataclass
@@ -338,6 +350,18 @@ def _shard_rows(meta: dict[str, str] | None) -> tuple[list[str], list[str]]:
     return ids, keys
 
 
+def check_poolable(tokenizer, records: Sequence, max_tokens: int) -> None:
+    """A `UserError` naming the records (objects with ``.id`` and ``.text``) of fewer than two
+    tokens, before any forward pass: pooling leaves out the first token (an attention sink), so
+    such a record would pool over nothing, to an all-zero row."""
+    lengths = [len(t) for t in tokenize_texts(tokenizer, [r.text for r in records], max_tokens)]
+    short = [r for r, n in zip(records, lengths) if n < 2]
+    if short:
+        named = ", ".join(f"{r.id} ({r.text!r})" for r in short[:3])
+        raise UserError(f"{len(short)} text(s) of fewer than 2 tokens: {named}. Pooling leaves out the first "
+                        "token (an attention sink), so nothing would be left to read: give texts of a few words.")
+
+
 def collect_pooled(
     model: HookedTransformer,
     records: Sequence,
@@ -358,6 +382,7 @@ def collect_pooled(
     for layer in layers:
         check_layer(model, layer)
     names = [hook_name(layer, cfg.hook) for layer in layers]
+    check_poolable(model.tokenizer, records, cfg.max_tokens)
     store = PooledStore(out_dir, pooling_meta(model, names, cfg), cfg.shard_records, records=records)
     todo = [r for r in records if r.id not in store.done]
     if store.done:

@@ -15,9 +15,9 @@ THREADS = max(1, min(4, os.cpu_count() or 1))
 torch.set_num_threads(THREADS)
 BASELINE: dict[str, object] = {}
 """`model_state` of the shared model as loaded (see `no_state_leaks`)."""
-LIBRARY_CACHES = ("_saefeatures_resid_norms",)
-"""Caches the library keeps on a model (`steering.residual_norm`): emptied after each test, so no
-test reads a value another computed."""
+LIBRARY_CACHES = ("_saefeatures_resid_norms", "_saefeatures_dtype_copies")
+"""Caches the library keeps on a model (`steering.residual_norm`, `activations.with_dtype`): emptied
+after each test, so no test reads a value another computed."""
 DTYPE_QUERIES: list[str] = []
 """Each time the test now running (its fixtures included) asked whether bf16 is fast, unless it had
 set the switch itself (`bf16_env`, recorded in PINNED) to a value that decides the answer."""

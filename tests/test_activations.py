@@ -3,8 +3,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from saefeatures.activations import (ActivationConfig, PooledActivations, collect_pooled, fast_twin,
-                                     forward_hooks, iter_batches, with_dtype)
+from saefeatures.activations import (DTYPE_COPIES_ATTR, ActivationConfig, PooledActivations, collect_pooled,
+                                     fast_twin, forward_hooks, iter_batches, with_dtype)
+from saefeatures.errors import UserError
 
 TEXTS = ["The kettle boiled while she read the letter twice.",
          "He parked the car, checked the mirror and walked to the office door without a word.",
@@ -82,6 +83,30 @@ def test_bfloat16_copy_is_close_and_leaves_the_model_alone(model):
     a = collect_pooled(model, RECS, ActivationConfig(dtype="float32"), layers=[6])[HOOK]
     b = collect_pooled(model, RECS, ActivationConfig(dtype="bfloat16"), layers=[6])[HOOK]
     assert ((a - b).norm(dim=1) / a.norm(dim=1)).max() < 0.05
+
+
+def test_bfloat16_copy_is_built_once_and_again_after_the_weights_change(tiny_model, capsys):
+    """Repeated reads reuse one cast copy (and print nothing); an in-place weight update rebuilds it."""
+    try:
+        first = with_dtype(tiny_model, "bfloat16")
+        collect_pooled(tiny_model, RECS[:2], ActivationConfig(dtype="bfloat16"), layers=[1])
+        assert with_dtype(tiny_model, "bfloat16") is first
+        with torch.no_grad():
+            next(tiny_model.parameters()).add_(0.0)  # an in-place update, as training would make
+        assert with_dtype(tiny_model, "bfloat16") is not first
+        assert capsys.readouterr().out == ""
+    finally:
+        vars(tiny_model).pop(DTYPE_COPIES_ATTR, None)
+
+
+def test_a_text_of_one_token_is_a_clear_error_before_any_forward_pass(model, monkeypatch):
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a forward pass ran before the short text was found")
+
+    monkeypatch.setattr("saefeatures.activations.forward_hooks", no_forward)
+    recs = [*RECS, Rec("r9", "Hello")]
+    with pytest.raises(UserError, match=r"1 text\(s\) of fewer than 2 tokens: r9 \('Hello'\)\. Pooling leaves out"):
+        collect_pooled(model, recs, ActivationConfig(dtype="float32"), layers=[6])
 
 
 def test_resume_after_interruption(model, tmp_path, monkeypatch):
