@@ -5,9 +5,16 @@ emotions, with the top principal components of neutral texts (to 50% of their va
 out, unit norm, from the train split only. SAE-assembled directions (`sae.scoring`) use the
 same object and keep the latent ids and weights they were built from in ``latents``.
 
+Directions record how their activations were pooled (``metadata["pooling"]``: hook, layer, tokens
+kept and skipped, dtype) and keep a sample of neutral texts pooled the same way (``neutral``), so
+`EmotionDirections.read` pools new text as they were built and z-scores each projection against
+neutral text: raw projections carry a different offset per emotion, and the largest of them is
+not the emotion a text expresses (a neutral invoice sentence read top-1 'afraid').
+
 Example:
     >>> dirs = EmotionDirections.load("runs/smollm2/directions/dense")
-    >>> dirs.read(model, ["I can't stop smiling today."])   # [{'happy': ..., ...}]
+    >>> dirs.read(model, ["I can't stop smiling today."])   # [{'happy': z vs neutral, ...}]
+    >>> dirs.read(model, ["I can't stop smiling today."], raw=True)   # raw projections
     >>> scores = dirs.project(acts)          # (n_records, n_emotions)
     >>> dirs.vector("afraid")                # (d_model,)
 """
@@ -36,6 +43,10 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 FORMAT_VERSION = 1
+DEFAULT_POOLING = ActivationConfig()
+"""How directions saved before their pooling was recorded are read: `ActivationConfig`'s defaults."""
+POOLING_FIELDS = ("max_tokens", "skip_first", "dtype")
+"""The `ActivationConfig` fields ``metadata["pooling"]`` records, beside the hook and layer."""
 
 
 class _Text(NamedTuple):
@@ -69,12 +80,46 @@ class EmotionDirections:
     latents: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     """Per emotion: (SAE latent id, weight) pairs the vector was assembled from; empty for dense."""
     metadata: dict[str, Any] = field(default_factory=dict)
+    neutral: Float[Tensor, "n_neutral d_model"] | None = None
+    """Pooled activations of neutral texts (pooled as these directions were built): `read`
+    z-scores projections against theirs. None: not recorded (directions saved before it was)."""
 
     def __post_init__(self) -> None:
         if self.vectors.ndim != 2 or self.vectors.shape[0] != len(self.names):
             raise ValueError(f"vectors must be (n_emotions={len(self.names)}, d_model); got {tuple(self.vectors.shape)}")
         if not self.hook:
             self.hook = hook_name(self.layer)
+        if self.neutral is not None and (self.neutral.ndim != 2 or len(self.neutral) < 2):
+            self.neutral = None  # fewer than two texts give no spread to calibrate against
+
+    @property
+    def pooling(self) -> ActivationConfig:
+        """How these directions' activations were pooled (`DEFAULT_POOLING` where not recorded)."""
+        recorded = self.metadata.get("pooling") or {}
+        kind = parse(self.hook)[1] if parse(self.hook) else DEFAULT_POOLING.hook
+        return replace(DEFAULT_POOLING, hook=kind,
+                       **{k: recorded[k] for k in POOLING_FIELDS if k in recorded})
+
+    def calibration(self) -> tuple[Float[Tensor, " n_emotions"], Float[Tensor, " n_emotions"]]:
+        """Mean and SD of each direction's projection over the neutral sample."""
+        if self.neutral is None:
+            raise UserError(f"These {self.recipe} directions carry no neutral sample to calibrate against "
+                            "(saved before it was recorded): attach one with dirs.calibrated(model, neutral_texts), "
+                            "or read raw projections with read(..., raw=True).")
+        proj = self.project(self.neutral)
+        return proj.mean(0), proj.std(0).clamp(min=1e-6)
+
+    def calibrated(self, model: HookedTransformer, texts: Sequence[str]) -> "EmotionDirections":
+        """A copy whose neutral sample is ``texts`` (neutral, e.g. a corpus's neutral test split),
+        pooled as these directions were built."""
+        return replace(self, neutral=neutral_sample(self.pool(model, texts)), metadata={
+            **self.metadata, "calibration": {"n_neutral": len(texts), "source": "calibrated()"}})
+
+    def pool(self, model: HookedTransformer, texts: Sequence[str]) -> Float[Tensor, "n_texts d_model"]:
+        """Activations of plain texts at these directions' hook, pooled as the directions were built."""
+        layer = parse(self.hook)[0] if parse(self.hook) else self.layer
+        rows = [_Text(f"text {i}", t) for i, t in enumerate(texts)]
+        return collect_pooled(model, rows, self.pooling, layers=[layer], desc="read")[self.hook]
 
     @property
     def d_model(self) -> int:
@@ -101,25 +146,25 @@ class EmotionDirections:
             acts = acts - self.center.to(acts.device)
         return acts @ self.vectors.to(acts.device).T
 
-    def read(self, model: HookedTransformer, texts: Sequence[str],
-             cfg: ActivationConfig | None = None) -> list[dict[str, float]]:
-        """Emotion scores of plain texts: each text's activations at these directions' hook, pooled
-        over its tokens (the first left out), projected on every direction.
+    def read(self, model: HookedTransformer, texts: Sequence[str], raw: bool = False) -> list[dict[str, float]]:
+        """Emotion scores of plain texts, pooled as the directions were built (`pooling`): each
+        projection as a z-score against the neutral sample (`calibration`), or, with ``raw``, the
+        projection itself.
 
         Example:
             >>> dirs.read(model, ["I can't stop smiling today.", "The bus leaves at nine."])[0]["happy"]
         """
-        layer, kind = parse(self.hook) or (self.layer, "hook_resid_post")
-        cfg = cfg or ActivationConfig(hook=kind)
-        rows = [_Text(str(i), t) for i, t in enumerate(texts)]
-        acts = collect_pooled(model, rows, replace(cfg, hook=kind), layers=[layer], desc="read")[self.hook]
-        return [dict(zip(self.names, row)) for row in self.project(acts).tolist()]
+        proj = self.project(self.pool(model, texts))
+        if not raw:
+            mean, std = self.calibration()
+            proj = (proj - mean) / std
+        return [dict(zip(self.names, row)) for row in proj.tolist()]
 
     def subset(self, names: Sequence[str]) -> "EmotionDirections":
         rows = [self.index(n) for n in names]
         return EmotionDirections(list(names), self.layer, self.vectors[rows], self.hook, self.recipe,
                                  self.center, {n: self.latents[n] for n in names if n in self.latents},
-                                 dict(self.metadata))
+                                 dict(self.metadata), self.neutral)
 
     def save(self, path: Path | str) -> Path:
         """Write ``directions.safetensors`` and ``directions.json`` into directory ``path`` (atomically)."""
@@ -128,6 +173,8 @@ class EmotionDirections:
         tensors = {"vectors": self.vectors.float().contiguous()}
         if self.center is not None:
             tensors["center"] = self.center.float().contiguous()
+        if self.neutral is not None:
+            tensors["neutral"] = self.neutral.float().contiguous()
         save_safetensors(path / "directions.safetensors", tensors)
         meta = {"format": FORMAT_VERSION, "names": self.names, "layer": self.layer, "hook": self.hook,
                 "recipe": self.recipe, "latents": {k: [[int(i), float(w)] for i, w in v] for k, v in self.latents.items()},
@@ -162,7 +209,7 @@ class EmotionDirections:
         try:
             latents = {k: [(int(i), float(w)) for i, w in v] for k, v in meta["latents"].items()}
             return cls(meta["names"], meta["layer"], tensors["vectors"], meta["hook"], meta["recipe"],
-                       tensors.get("center"), latents, meta.get("metadata", {}))
+                       tensors.get("center"), latents, meta.get("metadata", {}), tensors.get("neutral"))
         except (ValueError, TypeError, AttributeError) as e:
             raise UserError(f"{path}: directions.json and directions.safetensors disagree ({e}). {fix}") from None
 
@@ -192,8 +239,11 @@ def build_dense(
     layer: int,
     cfg: DirectionConfig = DirectionConfig(),
     hook: str = "",
+    pooling: ActivationConfig | None = None,
 ) -> EmotionDirections:
-    """The paper's DiffMean directions from pooled train activations and their emotion labels."""
+    """The paper's DiffMean directions from pooled train activations and their emotion labels;
+    ``neutral`` (pooled as ``pooling`` says, recorded with the directions) is also their
+    calibration sample."""
     if acts.shape[0] != len(labels):
         raise ValueError(f"{acts.shape[0]} activation rows but {len(labels)} labels.")
     if neutral.shape[-1] != acts.shape[-1]:
@@ -208,10 +258,24 @@ def build_dense(
     basis = neutral_basis(neutral, cfg.neutral_variance, cfg.max_neutral_pcs)
     diffs = project_out(means - grand, basis)
     vectors = diffs / diffs.norm(dim=1, keepdim=True).clamp(min=1e-8)
+    hook = hook or hook_name(layer)
     return EmotionDirections(names, layer, vectors, hook, "dense", grand,
                              metadata={"neutral_pcs": int(basis.shape[0]),
                                        "neutral_variance": cfg.neutral_variance,
-                                       "n_train": int(acts.shape[0])})
+                                       "n_train": int(acts.shape[0]),
+                                       "pooling": pooling_record(pooling or DEFAULT_POOLING, hook, layer),
+                                       "calibration": {"n_neutral": int(neutral.shape[0]), "source": "train"}},
+                             neutral=neutral_sample(neutral))
+
+
+def neutral_sample(neutral: Float[Tensor, "n d_model"], size: int = 256) -> Float[Tensor, "m d_model"]:
+    """At most ``size`` rows of ``neutral``, evenly spaced: the calibration sample directions keep."""
+    return neutral[:: max(1, -(-len(neutral) // size))][:size].float()
+
+
+def pooling_record(cfg: ActivationConfig, hook: str, layer: int) -> dict[str, Any]:
+    """What ``metadata["pooling"]`` records: the hook and layer read, and `POOLING_FIELDS` of ``cfg``."""
+    return {"hook": hook, "layer": layer, **{k: getattr(cfg, k) for k in POOLING_FIELDS}}
 
 
 @dataclass
@@ -299,7 +363,13 @@ def build_sae(scores, W_dec: Float[Tensor, "d_sae d_model"], k: int, layer: int,
         v = (w[:, None] * W[ids]).sum(0)
         vectors.append(v / v.norm().clamp(min=1e-8))
         latents[name] = [(i, float(x)) for i, x in zip(ids, w)]
+    pooling = replace(DEFAULT_POOLING, **{k: v for k, v in getattr(scores, "pooling", {}).items()
+                                          if k in POOLING_FIELDS})
     return EmotionDirections(names, layer, torch.stack(vectors), scores.hook, f"sae-k{k}",
                              dense.center if dense is not None else None, latents,
                              metadata={"k": k, "rank_by": cfg.rank_by, "weighting": cfg.weighting,
-                                       "min_cohens_d": cfg.min_cohens_d, "output_filter": cfg.output_filter})
+                                       "min_cohens_d": cfg.min_cohens_d, "output_filter": cfg.output_filter,
+                                       "pooling": pooling_record(pooling, scores.hook, layer),
+                                       **({"calibration": dense.metadata["calibration"]}
+                                          if dense is not None and "calibration" in dense.metadata else {})},
+                             neutral=dense.neutral if dense is not None and dense.hook == scores.hook else None)

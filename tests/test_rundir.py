@@ -127,6 +127,32 @@ def test_finished_run_reopens_read_only(tmp_path):
         RunDir.open(tmp_path / "nothing", readonly=True)
 
 
+def test_reopening_without_computing_leaves_the_record_byte_identical(tmp_path):
+    """What only describes the process (started, machine, timings, a keyless stage's time) is
+    written only along with something computed (issue: `score` on a finished run rewrote them)."""
+    run = RunDir.open(tmp_path)
+    run.manifest.update({"started": "t0", "machine": {"torch_threads": 2}})
+    with run.stage("model"):
+        pass
+    with run.stage("a", "k"):
+        run.record("s", {"v": 1.0})
+    run.close()
+    files = [tmp_path / "manifest.json", tmp_path / "metrics.json"]
+    before = [f.read_bytes() for f in files]
+    again = RunDir.open(tmp_path)
+    again.manifest.update({"started": "t1", "machine": {"torch_threads": 4}, "last_run": {"recomputed": []}})
+    with again.stage("model"):
+        pass
+    assert again.reuse("a", "k", lambda: True)
+    again.replace("s", {"v": 1.0})
+    again.record("timings", {"total_s": 9.0})
+    assert [f.read_bytes() for f in files] == before
+    with again.stage("b", "k2"):  # something computed: the process's entries go with it
+        pass
+    assert read_json(files[0])["started"] == "t1" and "b_s" in read_json(files[1])["timings"]
+    assert "model" not in read_json(files[0])["stages"]
+
+
 def test_key_of_hashes_tensor_contents():
     a = torch.zeros(3, 4)
     b = a.clone()

@@ -50,6 +50,7 @@ def open_study(cfg: RunConfig, out: Path | str, config_path: str | None = None, 
     so bad input, a locked or an unwritable directory fail before any slow work."""
     check_run(cfg, model)
     run = RunDir.open(out)
+    # what describes this process is saved only with something computed (`rundir.VOLATILE_MANIFEST`)
     run.manifest.update({"config": to_dict(cfg), "config_path": config_path,
                          "packages": package_versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     with run.stage("model"):

@@ -2,7 +2,10 @@
 
 ``manifest.json`` records the config, model identity, package versions and, per stage, the key
 of its inputs and its wall time; a stage whose key is unchanged and whose outputs load is skipped
-on the next run (`RunDir.reuse`), one whose outputs are missing or corrupt is recomputed. A stage
+on the next run (`RunDir.reuse`), one whose outputs are missing or corrupt is recomputed. What
+describes only the process that opened the run (when it started, its config, machine, package
+versions, timings: `VOLATILE_MANIFEST`, `VOLATILE_METRICS`) is written only along with something
+computed: a command that recomputes nothing leaves manifest.json and metrics.json byte-identical. A stage
 that recomputes replaces its whole section of ``metrics.json`` (the nested metrics object
 documented in the README), so nothing of an older config survives beside the new numbers. One process at a
 time writes a run directory: `RunDir.open` takes an exclusive lock on ``DIR/.lock`` and a second
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import platform
@@ -27,7 +31,7 @@ from typing import Any, TypeVar
 from safetensors import SafetensorError
 
 from ..errors import UserError
-from ..files import CorruptArtifactError, read_json, remove_stale_temps, write_json
+from ..files import CorruptArtifactError, json_default, read_json, remove_stale_temps, write_json
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,11 @@ PACKAGES = ("saefeatures", "torch", "transformer-lens", "sae-lens", "transformer
 LOCK_FILE = ".lock"
 LOAD_ERRORS = (CorruptArtifactError, SafetensorError, FileNotFoundError, KeyError, ValueError)
 """What loading a missing, cut-short or malformed artifact raises: the stage is recomputed."""
+
+VOLATILE_MANIFEST = ("started", "config", "config_path", "packages", "machine", "model", "corpus", "sae", "last_run")
+"""Manifest keys every opening sets again: saved only when a stage's record or a metric changes."""
+VOLATILE_METRICS = ("timings",)
+"""Metrics sections of the same kind (wall times of this process)."""
 
 T = TypeVar("T")
 
@@ -78,6 +87,8 @@ class RunDir:
     recomputed: list[str] = field(default_factory=list)
     """Stages run in this process."""
     _lock_fd: int | None = field(default=None, repr=False)
+    _saved: str | None = field(default=None, repr=False)
+    """`_record` of what manifest.json and metrics.json hold on disk (None: unknown or unreadable)."""
 
     @classmethod
     def open(cls, path: Path | str, readonly: bool = False) -> "RunDir":
@@ -108,8 +119,17 @@ class RunDir:
                     log.warning("%s: every stage will be recomputed", e)
                     run.manifest, run.metrics = {}, {}
                     break
+        else:
+            run._saved = run._record()
         run.manifest.setdefault("stages", {})
         return run
+
+    def _record(self) -> str:
+        """Manifest and metrics without their volatile parts, as one comparable string."""
+        lasting = {"manifest": {k: v for k, v in self.manifest.items() if k not in VOLATILE_MANIFEST and k != "stages"},
+                   "stages": self.manifest.get("stages") or {},
+                   "metrics": {k: v for k, v in self.metrics.items() if k not in VOLATILE_METRICS}}
+        return json.dumps(lasting, sort_keys=True, default=json_default)
 
     def _lock(self) -> None:
         lock = self.path / LOCK_FILE
@@ -147,11 +167,16 @@ class RunDir:
         self.close()
 
     def save(self) -> None:
-        """Write metrics, then the manifest: a stage the manifest marks done has its metrics on disk."""
+        """Write metrics, then the manifest: a stage the manifest marks done has its metrics on disk.
+        Nothing is written when only volatile entries changed (see the module docstring)."""
         if self.readonly:
             raise RunDirError(f"{self.path} was opened read-only")
+        record = self._record()
+        if record == self._saved:
+            return
         write_json(self.path / "metrics.json", self.metrics)
         write_json(self.path / "manifest.json", self.manifest)
+        self._saved = record
 
     def record(self, section: str, values: dict[str, Any]) -> None:
         """Merge ``values`` into metrics under the dotted ``section`` and save."""
@@ -193,15 +218,17 @@ class RunDir:
     @contextmanager
     def stage(self, name: str, key: str = "") -> Iterator[None]:
         """Time a stage and mark it done with its input key when the block completes (it is marked
-        not done on disk first, so outputs half-rewritten by an interrupted stage are never trusted)."""
+        not done on disk first, so outputs half-rewritten by an interrupted stage are never trusted).
+        A stage without a key (loading the model, the SAE) records only its time, in ``timings``."""
         t0 = time.perf_counter()
-        self.manifest["stages"][name] = {"key": key, "done": False}
-        self.save()
+        if key:
+            self.manifest["stages"][name] = {"key": key, "done": False}
+            self.save()
         yield
         seconds = time.perf_counter() - t0
-        self.manifest["stages"][name] = {"key": key, "done": True, "seconds": round(seconds, 2)}
         set_nested(self.metrics, f"timings.{name}_s", round(seconds, 2))
         if key:
+            self.manifest["stages"][name] = {"key": key, "done": True, "seconds": round(seconds, 2)}
             self.recomputed.append(name)
         self.save()
 

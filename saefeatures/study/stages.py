@@ -7,6 +7,7 @@ the key is unchanged and its outputs load (`RunDir.reuse`)."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from ..activations import PooledActivations, PooledStore, collect_pooled
 from ..audit import AuditConfig, audit_corpus
 from ..corpus import corpus_stats
 from ..corpus_import import story_set_key
-from ..directions import EmotionDirections, build_dense
+from ..directions import EmotionDirections, build_dense, neutral_sample
 from ..evals.emobank import EMOBANK_FILE, load_emobank
 from ..evals.reader import read_stories
 from ..evals.suite import DirectionReport, EvalData, evaluate_directions
@@ -158,7 +159,12 @@ def stage_dense(study: Study, acts: PooledActivations) -> EmotionDirections:
         with study.run.stage("directions_dense", key):
             dirs = build_dense(acts.subset([r.id for r in train])[study.hook], [r.emotion for r in train],
                                acts.subset([r.id for r in neutral])[study.hook], study.layer,
-                               study.cfg.directions, study.hook)
+                               study.cfg.directions, study.hook, study.cfg.activations)
+            split = study.cfg.evals.split
+            held_out = [r.id for r in study.records if r.split == split and r.emotion == "neutral"]
+            if len(held_out) >= 2:  # calibrated on neutral texts the directions were not built from
+                dirs = replace(dirs, neutral=neutral_sample(acts.subset(held_out)[study.hook]))
+                dirs.metadata["calibration"] = {"n_neutral": len(dirs.neutral), "source": f"{split} split"}
             dirs.metadata.update({"model": model_identity(study.model).name, "corpus": study.corpus_key})
             dirs.save(out)
     return dirs
