@@ -26,8 +26,9 @@ from jaxtyping import Float, Int
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 
+from .dtype_copies import with_dtype
 from .errors import UserError
 from .files import CorruptArtifactError, load_safetensors, read_json, save_safetensors, write_json
 from .hf_hooks import HookNameError, parse_hook_name, run_to_hooks
@@ -58,38 +59,6 @@ class ActivationConfig:
     shorter than twice this keeps its second half."""
     shard_records: int = 1024
     """Records per safetensors shard (each shard is one unit of resume)."""
-
-
-DTYPE_COPIES_ATTR = "_saefeatures_dtype_copies"
-"""Where `with_dtype` keeps its cast copies on the model: {dtype: (weights stamp, copy)}."""
-
-
-def with_dtype(model: HookedTransformer, dtype: str | torch.dtype) -> HookedTransformer:
-    """The model in ``dtype`` ("auto": see `resolve_dtype`): itself if already so, else a cast copy
-    (the original is untouched). The copy is kept on the model and reused while the original's
-    weights are unchanged (same storage, no in-place update), so repeated reads build it once."""
-    dtype = resolve_dtype(dtype, model.cfg.device)
-    if model.cfg.dtype == dtype:
-        return model
-    stamp = tuple((p.data_ptr(), p._version) for p in model.parameters())
-    copies = vars(model).setdefault(DTYPE_COPIES_ATTR, {})
-    if dtype in copies and copies[dtype][0] == stamp:
-        return copies[dtype][1]
-    # A new dict: TransformerLens' to_dict() is the config's own __dict__, and writing the dtype
-    # into it turned the original's cfg.dtype to bfloat16 over float32 weights (issue 13).
-    # No random initialisation: every parameter is overwritten below (and the global RNG is left alone).
-    cfg = {**model.cfg.to_dict(), "dtype": dtype, "init_weights": False}
-    copy = HookedTransformer(HookedTransformerConfig(**cfg), tokenizer=None, move_to_device=False)
-    # Parameters only: buffers (rotary tables, masks) are rebuilt by the constructor in `dtype`.
-    missing = copy.load_state_dict({k: v.to(dtype) for k, v in model.named_parameters()}, strict=False).missing_keys
-    assert not set(missing) & dict(copy.named_parameters()).keys(), missing
-    copy.tokenizer = model.tokenizer  # cfg (copied above) already says whether it prepends BOS
-    for attr in ("_saefeatures_identity",):
-        if hasattr(model, attr):
-            object.__setattr__(copy, attr, getattr(model, attr))
-    copy = copy.to(model.cfg.device, print_details=False).eval()
-    copies[dtype] = (stamp, copy)
-    return copy
 
 
 @dataclass

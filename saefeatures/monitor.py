@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 from torch import Tensor
 
 from .activations import forward_hooks, iter_batches
 from .directions import EmotionDirections
+from .errors import UserError
 from .files import read_json, write_json
 from .hf_hooks import tl_named_hooks
 from .models import chat_prompt, hf_twin
@@ -38,7 +40,8 @@ class Trace:
     roles: list[str]
     """Speaker of each token ('text' for plain text)."""
     turns: list[int]
-    """Index of the message each token belongs to (0 for plain text)."""
+    """Index of the message each token belongs to (0 for plain text; -1 for a system turn the chat
+    template adds before the first message)."""
     content: list[bool]
     """True for tokens of a message's content, False for chat-template tokens."""
     names: list[str]
@@ -117,10 +120,12 @@ def calibrate(model, dirs: EmotionDirections, texts: Sequence[str], batch_tokens
 
 
 def chat_spans(tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int, int, int]]]:
-    """The rendered chat and, per message, (block start, block end, content start, content end) in characters."""
+    """The rendered chat and, per message, (block start, block end, content start, content end) in
+    characters. A system turn the template adds on its own (SmolLM2's default system prompt) is
+    not part of the first message's block: it ends where `template_preamble` says."""
     validate_messages(messages)
     text = chat_prompt(tokenizer, list(messages), add_generation_prompt=add_generation_prompt)
-    spans, start = [], 0
+    spans, start = [], template_preamble(tokenizer, messages[0]) if messages else 0
     for i, msg in enumerate(messages):
         end = len(chat_prompt(tokenizer, list(messages[: i + 1]), add_generation_prompt=False))
         c0 = text.find(msg["content"], start, max(end, start + len(msg["content"])))
@@ -130,14 +135,49 @@ def chat_spans(tokenizer, messages: Sequence[dict[str, str]], add_generation_pro
     return text, spans
 
 
+def template_preamble(tokenizer, first: dict[str, str]) -> int:
+    """Characters the chat template writes before the first message's own turn when the chat opens
+    without a system message (a default system turn): found by rendering the same message after a
+    system message of our own, whose turn replaces the default. 0 when there is none, or when the
+    template takes no system message."""
+    if first["role"] == "system":
+        return 0
+    alone = chat_prompt(tokenizer, [first], add_generation_prompt=False)
+    system = {"role": "system", "content": "."}
+    try:
+        sys_only = chat_prompt(tokenizer, [system], add_generation_prompt=False)
+        with_sys = chat_prompt(tokenizer, [system, first], add_generation_prompt=False)
+    except TemplateError:  # e.g. Gemma's template refuses a system role
+        return 0
+    own = with_sys[len(sys_only):] if with_sys.startswith(sys_only) else ""
+    return len(alone) - len(own) if own and alone.endswith(own) else 0
+
+
+def load_chat(path: Path | str) -> list[dict[str, str]]:
+    """A chat from a JSON file holding a list of {"role", "content"} messages (a ``.jsonl`` file:
+    one message a line, `load_transcript`); errors name the file and the message."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        return load_transcript(path)
+    try:
+        messages = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); write a list of "
+                        '{"role": "user"|"assistant"|"system", "content": "..."} messages.') from None
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{path}: expected a non-empty JSON list of {{\"role\", \"content\"}} messages.")
+    validate_messages(messages, where=str(path))
+    return messages
+
+
 def validate_messages(messages: Sequence[Any], where: str = "messages") -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or set(m) - {"role", "content"} or not {"role", "content"} <= set(m):
-            raise ValueError(f"{where}[{i}]: a message must be an object with exactly 'role' and 'content'; got {m!r}.")
+            raise UserError(f"{where}[{i}]: a message must be an object with exactly 'role' and 'content'; got {m!r}.")
         if m["role"] not in ROLES:
-            raise ValueError(f"{where}[{i}]: role must be one of {ROLES}, got {m['role']!r}.")
+            raise UserError(f"{where}[{i}]: role must be one of {ROLES}, got {m['role']!r}.")
         if not isinstance(m["content"], str):
-            raise ValueError(f"{where}[{i}]: content must be a string, got {type(m['content']).__name__}.")
+            raise UserError(f"{where}[{i}]: content must be a string, got {type(m['content']).__name__}.")
 
 
 def load_transcript(path: Path | str) -> list[dict[str, str]]:
@@ -153,11 +193,11 @@ def load_transcript(path: Path | str) -> list[dict[str, str]]:
             msg = json.loads(line)
             validate_messages([msg], where="message")
         except (json.JSONDecodeError, ValueError) as e:
-            raise ValueError(f"{path}:{lineno}: malformed message ({e}). Each line must be "
+            raise UserError(f"{path}:{lineno}: malformed message ({e}). Each line must be "
                              '{"role": "user"|"assistant"|"system", "content": "..."}.') from None
         messages.append(msg)
     if not messages:
-        raise ValueError(f"{path}: no messages.")
+        raise UserError(f"{path}: no messages.")
     return messages
 
 
@@ -205,6 +245,8 @@ def trace_chat_sets(model, dir_sets: Sequence[EmotionDirections], messages: Sequ
     text, spans = chat_spans(model.tokenizer, messages, add_generation_prompt)
 
     def who(s: int, e: int) -> tuple[str, int, bool]:
+        if spans and s < spans[0][0]:  # the template's own system turn, before the first message
+            return "system", -1, False
         for i, (b0, b1, c0, c1) in enumerate(spans):
             if b0 <= s < b1:
                 return messages[i]["role"], i, c0 <= s < c1

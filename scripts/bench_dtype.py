@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from saefeatures.activations import with_dtype
+from saefeatures.dtype_copies import with_dtype
 from saefeatures.study.machine import machine_info
 from saefeatures.models import load_model
 

@@ -3,8 +3,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from saefeatures.activations import (DTYPE_COPIES_ATTR, ActivationConfig, PooledActivations, collect_pooled,
-                                     fast_twin, forward_hooks, iter_batches, with_dtype)
+from saefeatures.activations import (ActivationConfig, PooledActivations, collect_pooled, fast_twin, forward_hooks,
+                                     iter_batches)
+from saefeatures.dtype_copies import DTYPE_COPIES_ATTR, with_dtype
 from saefeatures.errors import UserError
 
 TEXTS = ["The kettle boiled while she read the letter twice.",

@@ -6,14 +6,17 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from saefeatures.study import cli
+import saefeatures.study.commands  # noqa: F401 - bound before no_model_load patches the loaders
 from saefeatures.corpus import CorpusRecord
+from saefeatures.study import cli
 
 EMOTIONS = ("happy", "sad", "afraid", "calm")
 
@@ -237,10 +240,10 @@ def test_bad_directions(tmp_path, capsys, case, message):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--emotion", "happy=inf"], r"'happy=inf': the value must be a finite number"),
-    (["--emotion", "happy=nan"], r"'happy=nan': the value must be a finite number"),
-    (["--emotion", "happy=lots"], r"'happy=lots': expected NAME=NUMBER"),
-    (["--emotion", "hapy=0.1"], r"Unknown emotion 'hapy'\. Did you mean: happy"),
+    (["--emotion", "happy=inf", "--directions", "DIRS"], r"'happy=inf': the value must be a finite number"),
+    (["--emotion", "happy=nan", "--directions", "DIRS"], r"'happy=nan': the value must be a finite number"),
+    (["--emotion", "happy=lots", "--directions", "DIRS"], r"'happy=lots': expected NAME=NUMBER"),
+    (["--emotion", "hapy=0.1", "--directions", "DIRS"], r"Unknown emotion 'hapy'\. Did you mean: happy"),
     (["--emotion", "happy=0.1"], r"--emotion needs --directions DIR"),
     (["--emotion", "calm=0.1", "--directions", "DIRS"], r"calm not in the directions at"),
     (["--latent=-3=1"], r"SAE latent ids are 0 or more"),
@@ -312,3 +315,57 @@ def test_good_steering_arguments_get_past_the_checks(tmp_path, capsys, args):
     with pytest.raises(SystemExit):
         cli.main(["steer", *args])
     assert "the model was loaded" in capsys.readouterr().err
+
+
+LIGHT = """
+import sys
+from saefeatures.study.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    print("exit", e.code, "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["steer", "--help"], 0), (["read", "--help"], 0),
+                                        (["steer", "--emotion", "afraid=0.3"], 2), (["nonsense"], 2),
+                                        (["read", "hello", "--run", "no-such-run"], 2),
+                                        (["report", "no-such-run"], 2)])
+def test_help_and_argument_errors_come_back_without_torch(argv, code):
+    """The CLI module imports no torch: help and argument errors need none (they took ~20 s)."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", LIGHT, *argv], cwd=root, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().splitlines()[-1] == f"exit {code} False", (out.stdout, out.stderr)
+    if code == 2:
+        assert out.stderr.strip().splitlines()[-1].startswith(("error: ", "saefeatures: error")), out.stderr
+    check = "import sys, saefeatures.study.cli; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", check], cwd=root, check=True, timeout=60)
+
+
+def test_the_console_script_prints_help():
+    out = subprocess.run([sys.executable, "-m", "saefeatures", "--help"], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and "read" in out.stdout and "monitor" in out.stdout and "report" in out.stdout
+
+
+def test_a_latent_clamp_is_named_a_clamp():
+    from saefeatures.steering import SteeringSpec
+
+    assert SteeringSpec(latents={4068: 60.0}).summary() == ["clamp SAE latents (set): 4068=60"]
+    assert SteeringSpec(emotions={"afraid": 0.3}, latents={5: 1.0}).summary() == [
+        "add emotion directions: afraid=0.3", "clamp SAE latents (set): 5=1"]
+
+
+def test_steer_with_latents_only_uses_the_shipped_sae_and_says_clamp(monkeypatch, capsys):
+    """--latent without --sae or a config: the shipped SAE (as --help says), and the spec a clamp."""
+    from saefeatures.sae import shipped_sae_dir
+    from saefeatures.study import commands
+
+    seen = {}
+    monkeypatch.setattr(commands, "load_model", lambda *a, **k: "MODEL")
+    monkeypatch.setattr(commands, "load_sae", lambda spec, model, layer: seen.update(spec=spec, layer=layer) or "SAE")
+    monkeypatch.setattr(commands, "steer_prompts", lambda model, spec, prompts, **kw: [{"prompt": prompts[0]}])
+    cli.main(["steer", "--latent", "4068=60", "--prompt", "Hi"])
+    printed = json.loads(capsys.readouterr().out)
+    assert seen["layer"] == 20 and Path(seen["spec"].path) == shipped_sae_dir("smollm2-135m-instruct", 20)
+    assert printed["spec"]["method"] == "clamp" and printed["applies"] == ["clamp SAE latents (set): 4068=60"]

@@ -8,9 +8,11 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "saefeatures"
 STUDY = "saefeatures.study"
-FACADE = {"saefeatures", "saefeatures.__main__"}
+FACADE = {"saefeatures", "saefeatures.__main__", "saefeatures.study.cli"}
 """The public facade (typed functions that import on first call, so ``import saefeatures`` stays
-light) and the ``python -m`` entry point: above everything, imported by nothing."""
+light), the ``python -m`` entry point and the command line (its parser imports the commands once
+the arguments parse, so help and argument errors need no torch): above everything, imported by
+nothing but each other."""
 
 
 def module_name(path: Path) -> str:

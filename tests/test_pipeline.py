@@ -118,7 +118,8 @@ def test_card_snippets_are_the_peak_window_of_the_whole_record(small_run, model)
     latent's peak over the whole record, as a fresh forward pass of that record gives it."""
     import torch
 
-    from saefeatures.activations import forward_hooks, tokenize_texts, with_dtype
+    from saefeatures.activations import forward_hooks, tokenize_texts
+    from saefeatures.dtype_copies import with_dtype
     from saefeatures.sae import load_sae
 
     cfg, out, _ = small_run

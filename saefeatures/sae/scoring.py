@@ -32,7 +32,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import emotions as emo
-from ..activations import ActivationConfig, PooledStore, forward_hooks, iter_batches, pool_batch, with_dtype
+from ..activations import ActivationConfig, PooledStore, forward_hooks, iter_batches, pool_batch
+from ..dtype_copies import with_dtype
 from ..files import load_safetensors, read_json, save_safetensors, write_json
 
 NEUTRAL = "neutral"

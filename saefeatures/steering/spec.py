@@ -34,7 +34,8 @@ class SteeringSpec:
     latents: dict[int, float] = field(default_factory=dict)
     """SAE latent id -> value in the SAE's own latent units, applied with `op` (needs an SAE)."""
     method: str = "direction"
-    """'direction': add the emotions' directions; 'clamp': edit the emotions' SAE latents."""
+    """How ``emotions`` apply: 'direction' adds their directions, 'clamp' edits their SAE latents
+    (``latents`` are always SAE latents, edited with ``op``)."""
     op: str = "set"
     """How latent values apply: 'set' (clamp to), 'add' (add to) or 'scale' (multiply by)."""
     positions: str = "all"
@@ -66,6 +67,17 @@ class SteeringSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def summary(self) -> list[str]:
+        """What the spec does, one line per intervention, e.g. ``['clamp SAE latents (set): 4068=60']``."""
+        values = lambda d: ", ".join(f"{k}={v:g}" for k, v in d.items())  # noqa: E731
+        out = []
+        if self.emotions:
+            out.append(f"add emotion directions: {values(self.emotions)}" if self.method == "direction"
+                       else f"clamp the emotions' SAE latents ({self.op}): {values(self.emotions)}")
+        if self.latents:
+            out.append(f"clamp SAE latents ({self.op}): {values(self.latents)}")
+        return out
 
     def save(self, path: Path | str) -> Path:
         path = Path(path)
