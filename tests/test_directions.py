@@ -1,7 +1,10 @@
 import pytest
 import torch
 
-from saefeatures.directions import DirectionConfig, EmotionDirections, build_dense, neutral_basis, project_out
+from saefeatures.activations import ActivationConfig, collect_pooled
+from saefeatures.directions import (DEFAULT_POOLING, DirectionConfig, EmotionDirections, build_dense, neutral_basis,
+                                    neutral_sample, project_out)
+from saefeatures.errors import UserError
 
 
 def _synthetic(n_per=20, d=32, seed=0):
@@ -76,3 +79,55 @@ def test_errors():
         dirs.vector("proud")
     with pytest.raises(FileNotFoundError, match="directions.json"):
         EmotionDirections.load("/nonexistent")
+
+
+def test_pooling_and_neutral_sample_are_saved_and_older_directories_load_with_defaults(tmp_path):
+    import json
+
+    acts, labels, neutral, _, _ = _synthetic()
+    dirs = build_dense(acts, labels, neutral, layer=3, pooling=ActivationConfig(skip_first=16, max_tokens=128))
+    dirs.save(tmp_path / "d")
+    back = EmotionDirections.load(tmp_path / "d")
+    assert back.metadata["pooling"] == {"hook": "blocks.3.hook_resid_post", "layer": 3, "max_tokens": 128,
+                                        "skip_first": 16, "dtype": "auto"}
+    assert (back.pooling.skip_first, back.pooling.max_tokens, back.pooling.hook) == (16, 128, "hook_resid_post")
+    torch.testing.assert_close(back.neutral, neutral_sample(neutral))
+    mean, std = back.calibration()
+    torch.testing.assert_close(mean, back.project(back.neutral).mean(0))
+    # a directory saved before pooling and the neutral sample were recorded
+    meta = json.loads((tmp_path / "d" / "directions.json").read_text())["metadata"]
+    del meta["pooling"]
+    EmotionDirections(back.names, 3, back.vectors, center=back.center, metadata=meta).save(tmp_path / "old")
+    old = EmotionDirections.load(tmp_path / "old")
+    assert old.neutral is None
+    assert (old.pooling.skip_first, old.pooling.max_tokens) == (DEFAULT_POOLING.skip_first, DEFAULT_POOLING.max_tokens)
+    with pytest.raises(UserError, match="no neutral sample to calibrate against.*raw=True"):
+        old.calibration()
+
+
+def test_reading_pools_as_the_directions_were_built_and_calibrates_against_neutral(model):
+    """read() pools with the recorded skip_first/max_tokens (not ActivationConfig's defaults) and
+    z-scores against the neutral sample; raw=True gives the projections."""
+    g = torch.Generator().manual_seed(0)
+    names = ["happy", "afraid", "calm"]
+    vectors = torch.nn.functional.normalize(torch.randn(3, 576, generator=g), dim=1)
+    pooling = {"hook": "blocks.6.hook_resid_post", "layer": 6, "max_tokens": 12, "skip_first": 3, "dtype": "float32"}
+    dirs = EmotionDirections(names, 6, vectors, metadata={"pooling": pooling})
+    text = "The kettle boiled while she read the letter twice, then she called her sister and laughed."
+    ids = model.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :12]
+    _, cache = model.run_with_cache(ids, names_filter="blocks.6.hook_resid_post")
+    by_hand = dirs.project(cache["blocks.6.hook_resid_post"][0, 4:].mean(0))
+    raw = dirs.read(model, [text], raw=True)[0]
+    assert [raw[n] for n in names] == pytest.approx(by_hand.tolist(), abs=1e-3)
+    default = dirs.project(collect_pooled(model, [type("R", (), {"id": "a", "text": text})()],
+                                          ActivationConfig(dtype="float32"), layers=[6])["blocks.6.hook_resid_post"])
+    assert (default - by_hand).abs().max() > 1e-2  # the defaults pool differently
+    with pytest.raises(UserError, match="no neutral sample"):
+        dirs.read(model, [text])
+    neutral = ["The train to the airport leaves every twenty minutes from platform three.",
+               "A standard sheet of A4 paper measures 210 by 297 millimetres.",
+               "The library opens at nine and closes at six on weekdays."]
+    calibrated = dirs.calibrated(model, neutral)
+    mean, std = calibrated.calibration()
+    z = calibrated.read(model, [text])[0]
+    assert [z[n] for n in names] == pytest.approx(((by_hand - mean) / std).tolist(), abs=1e-2)
