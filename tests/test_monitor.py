@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from saefeatures.directions import EmotionDirections
-from saefeatures.monitor import (Calibration, LiveMonitor, Trace, alarms, calibrate, load_transcript, trace_chat,
-                                 trace_text)
-from saefeatures.report.monitor import trace_figure, trace_html
+from saefeatures.errors import UserError
+from saefeatures.monitor import (Calibration, LiveMonitor, Trace, alarms, calibrate, load_chat, load_transcript,
+                                 trace_chat, trace_text)
+from saefeatures.report.monitor import token_label, trace_figure, trace_html, trace_page
 
 NEUTRAL = ["The library opens at nine and closes at six on weekdays, and on Saturdays it opens at ten.",
            "To boil an egg, place it in boiling water for eight minutes, then cool it under cold water.",
@@ -98,3 +99,41 @@ def test_rendering(model, dirs):
     assert html.count("<span") == len(trace.tokens) and "[assistant]" in html
     fig = trace_figure(trace, ["afraid", "calm"])
     assert [line.get_label() for line in fig.axes[0].lines if not line.get_label().startswith("_")] == ["afraid", "calm"]
+
+
+def test_the_templates_own_system_turn_is_labelled_system(model, dirs):
+    """SmolLM2's template adds a default system prompt to a chat without one: its tokens are the
+    system's, not the first user message's."""
+    chat = [{"role": "user", "content": "Is it safe?"}]
+    trace = trace_chat(model, dirs, chat)
+    system = "".join(t for t, r in zip(trace.tokens, trace.roles) if r == "system")
+    user = "".join(t for t, r in zip(trace.tokens, trace.roles) if r == "user")
+    assert "You are a helpful AI assistant" in system and "Is it safe?" not in system
+    assert user.startswith("<|im_start|>user") and "Is it safe?" in user
+    html = trace_html(trace, "afraid")
+    assert html.index("[system]") < html.index("[user]")
+    own = trace_chat(model, dirs, [{"role": "system", "content": "Be brief."}, *chat])
+    assert -1 not in own.turns and own.roles[0] == "system"
+
+
+def test_trace_figure_and_page_show_the_tokens(model, dirs, tmp_path):
+    chat = [{"role": "user", "content": "My hands are shaking."}, {"role": "assistant", "content": "Breathe."}]
+    trace = trace_chat(model, dirs, chat)
+    fig = trace_figure(trace, ["afraid"])
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == [token_label(t) for t in trace.tokens] and "shaking" in "".join(labels)
+    page = trace_page(trace, ["afraid", "calm"], title="t")
+    assert page.count("data:image/png;base64,") == 1 and page.count("<span") == 2 * len(trace.tokens)
+
+
+def test_chat_files(tmp_path):
+    chat = [{"role": "user", "content": "hi"}]
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(chat))
+    assert load_chat(path) == chat
+    path.write_text(json.dumps([{"role": "robot", "content": "x"}]))
+    with pytest.raises(UserError, match=r"chat.json\[0\]: role must be one of"):
+        load_chat(path)
+    path.write_text("{oops")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_chat(path)
