@@ -31,7 +31,12 @@ def test_machine_info_keys_types_and_the_switch(bf16_env):
     bf16_env("1")
     info = machine_info("cpu", {"activations": "bfloat16"})
     assert set(info) == {"cpu", "cpu_flags", "torch_cpu_capability", "cpu_count", "torch_threads", "device",
-                         "cuda_device", "bf16_switch", "bf16_is_fast", "dtypes"}
+                         "cuda_device", "bf16_switch", "bf16_is_fast", "dtypes", "torch_interop_threads",
+                         "bf16_hardware"}
+    hardware = {"cpu_avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
+                "cpu_amx_tile": torch.cpu._is_amx_tile_supported()}
+    assert info["bf16_hardware"] == hardware  # what the CPU has, whatever the switch forces
+    assert info["torch_interop_threads"] == torch.get_num_interop_threads()
     assert isinstance(info["cpu"], str) and info["cpu"]
     assert set(info["cpu_flags"]) <= set(WATCHED_FLAGS)
     assert info["torch_threads"] == torch.get_num_threads() and isinstance(info["cpu_count"], int)

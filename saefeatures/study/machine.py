@@ -64,10 +64,20 @@ def stage_dtypes(cfg: RunConfig, model: Any) -> dict[str, str]:
     return out
 
 
+def bf16_hardware(device: torch.device) -> dict[str, bool]:
+    """The bf16 units torch finds, whatever ``$SAEFEATURES_BF16`` says (the switch can force the
+    bf16 path where they are missing: then ``bf16_is_fast`` and these disagree)."""
+    out = {"cpu_avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+           "cpu_amx_tile": bool(torch.cpu._is_amx_tile_supported())}
+    if device.type == "cuda":
+        out["cuda_bf16"] = bool(torch.cuda.is_bf16_supported())
+    return out
+
+
 def machine_info(device: str | torch.device = "cpu", dtypes: dict[str, str] | None = None) -> dict[str, Any]:
     """CPU model and flags, torch's CPU capability and threads, the GPU (when ``device`` is one), the
-    bf16 switch (``$SAEFEATURES_BF16`` as set, None if unset) and what `bf16_is_fast` made of it,
-    and ``dtypes`` (see `stage_dtypes`)."""
+    bf16 units torch finds, the bf16 switch (``$SAEFEATURES_BF16`` as set, None if unset) and what
+    `bf16_is_fast` made of it, and ``dtypes`` (see `stage_dtypes`)."""
     device = torch.device(device)
     cpu, flags = cpu_name_and_flags()
     return {
@@ -76,6 +86,8 @@ def machine_info(device: str | torch.device = "cpu", dtypes: dict[str, str] | No
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "bf16_hardware": bf16_hardware(device),
         "device": str(device),
         "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "bf16_switch": os.environ.get(BF16_ENV),
