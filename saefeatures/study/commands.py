@@ -286,8 +286,10 @@ def cmd_monitor(args: argparse.Namespace) -> None:
              + ("z-scores against neutral text." if calib else "raw projections (no calibration.json found).")]
     notes += [f"alarm: {a.emotion} at tokens {a.start}-{a.end} ({a.role}), peak z {a.peak_z:.1f}" for a in found]
     write_text(args.out, trace_page(trace, emotions, calib, title=f"Monitor: {args.chat}", notes=notes))
-    _print({"out": str(args.out), "tokens": len(trace.tokens), "turns": trace.turn_means(),
-            "alarms": [vars(a) for a in found]})
+    shown = replace(trace, projections=calib.z(trace)) if calib is not None else trace
+    turns = [{**t, "mean": {n: round(v, 3) for n, v in t["mean"].items() if n in emotions}} for t in shown.turn_means()]
+    _print({"out": str(args.out), "tokens": len(trace.tokens), "unit": "z vs neutral" if calib else "projection",
+            "turns": turns, "alarms": [vars(a) for a in found]})
 
 
 def cmd_report(args: argparse.Namespace) -> None:
