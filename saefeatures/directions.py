@@ -96,7 +96,7 @@ class EmotionDirections:
     def pooling(self) -> ActivationConfig:
         """How these directions' activations were pooled (`DEFAULT_POOLING` where not recorded)."""
         recorded = self.metadata.get("pooling") or {}
-        kind = parse(self.hook)[1] if parse(self.hook) else DEFAULT_POOLING.hook
+        _, kind = parse(self.hook) or (self.layer, DEFAULT_POOLING.hook)
         return replace(DEFAULT_POOLING, hook=kind,
                        **{k: recorded[k] for k in POOLING_FIELDS if k in recorded})
 
@@ -117,7 +117,7 @@ class EmotionDirections:
 
     def pool(self, model: HookedTransformer, texts: Sequence[str]) -> Float[Tensor, "n_texts d_model"]:
         """Activations of plain texts at these directions' hook, pooled as the directions were built."""
-        layer = parse(self.hook)[0] if parse(self.hook) else self.layer
+        layer, _ = parse(self.hook) or (self.layer, DEFAULT_POOLING.hook)
         rows = [_Text(f"text {i}", t) for i, t in enumerate(texts)]
         return collect_pooled(model, rows, self.pooling, layers=[layer], desc="read")[self.hook]
 
