@@ -48,7 +48,7 @@ def sweep_rows(cfg: RunConfig, layers: list[int], records: list, acts: PooledAct
     for layer in layers:
         hook = hook_name(layer, cfg.activations.hook)
         dirs = build_dense(acts.subset([r.id for r in train])[hook], [r.emotion for r in train],
-                           acts.subset([r.id for r in neutral])[hook], layer, cfg.directions, hook)
+                           acts.subset([r.id for r in neutral])[hook], layer, cfg.directions, hook, cfg.activations)
         data = EvalData(acts.subset([r.id for r in test])[hook], [r.emotion for r in test], emobank[hook],
                         valence, arousal)
         rep = evaluate_directions(dirs, data)
