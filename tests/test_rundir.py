@@ -150,6 +150,8 @@ def test_reopening_without_computing_leaves_the_record_byte_identical(tmp_path):
     with again.stage("b", "k2"):  # something computed: the process's entries go with it
         pass
     assert read_json(files[0])["started"] == "t1" and "b_s" in read_json(files[1])["timings"]
+    again.record("timings", {"total_s": 10.0})  # a process that computed saves its own entries from then on
+    assert read_json(files[1])["timings"]["total_s"] == 10.0
     assert "model" not in read_json(files[0])["stages"]
 
 

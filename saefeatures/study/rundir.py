@@ -4,7 +4,7 @@
 of its inputs and its wall time; a stage whose key is unchanged and whose outputs load is skipped
 on the next run (`RunDir.reuse`), one whose outputs are missing or corrupt is recomputed. What
 describes only the process that opened the run (when it started, its config, machine, package
-versions, timings: `VOLATILE_MANIFEST`, `VOLATILE_METRICS`) is written only along with something
+versions, timings: `VOLATILE_MANIFEST`, `VOLATILE_METRICS`) is written only once something is
 computed: a command that recomputes nothing leaves manifest.json and metrics.json byte-identical. A stage
 that recomputes replaces its whole section of ``metrics.json`` (the nested metrics object
 documented in the README), so nothing of an older config survives beside the new numbers. One process at a
@@ -172,7 +172,7 @@ class RunDir:
         if self.readonly:
             raise RunDirError(f"{self.path} was opened read-only")
         record = self._record()
-        if record == self._saved:
+        if record == self._saved and not self.recomputed:  # a process that computed saves its own entries too
             return
         write_json(self.path / "metrics.json", self.metrics)
         write_json(self.path / "manifest.json", self.manifest)

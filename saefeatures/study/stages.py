@@ -33,9 +33,13 @@ log = logging.getLogger(__name__)
 
 
 def stage_corpus(study: Study) -> None:
+    """The corpus counts (``corpus.*``), beside the audit's ``corpus.bow_*`` (`stage_corpus_audit`
+    records those, so a command that runs no audit leaves them, and the record, as they were)."""
     stats = corpus_stats(study.records)
+    audit = {k: v for k, v in (study.run.metrics.get("corpus") or {}).items() if k.startswith("bow_")}
     study.run.replace("corpus", {"n_stories": stats["n_stories"], "n_neutral": stats["n_neutral"],
-                                 "min_per_emotion": stats["min_per_emotion"], "n_emotions": stats["n_emotions"]})
+                                 "min_per_emotion": stats["min_per_emotion"], "n_emotions": stats["n_emotions"],
+                                 **audit})
 
 
 def stage_corpus_audit(study: Study) -> None:
