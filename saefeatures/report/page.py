@@ -21,6 +21,7 @@ from ..feature_cards import load_cards
 from ..files import write_text
 from ..keys import flatten
 from .cards import cards_html
+from .latents import latents_section
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1150px;margin:20px auto;padding:0 16px;color:#222}
 h1{font-size:24px}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:34px}
@@ -126,6 +127,7 @@ def build_report(run_dir: Path | str) -> str:
     if cards.exists():
         parts.append("<h2>Feature cards</h2><p class='note'>Top-weighted SAE latents per emotion: scores, logit-lens tokens, "
                      "and top-activating corpus snippets (orange: activation).</p>" + cards_html(load_cards(cards)))
+    parts.append(latents_section(run))
     if metrics.get("probes"):
         parts.append("<h2>Context probes</h2>" + _img(figs / "probes" / "tylenol.png", "tylenol") + _kv(metrics["probes"]))
     if metrics.get("steering"):

@@ -27,6 +27,7 @@ from ..neutral import NEUTRAL_PROMPTS
 from ..report.geometry import save_plots
 from ..sae import export_sae, load_sae, sae_info, shipped_sae_dir
 from ..steering import parse_assignments, steer_prompts
+from .browse import add_parsers as add_browse_parsers
 from .config import RunConfig, load_config
 from .layer_sweep import format_table, sweep_layers
 from .pipeline import open_study, run_study
@@ -341,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--backend", choices=["hf", "tl"], default="hf", help="hf: fast; tl: TransformerLens reference")
     st.add_argument("--no-compare", action="store_true", help="skip the unsteered replies")
     st.set_defaults(func=cmd_steer)
+    add_browse_parsers(sub, common)  # latents, latent: read-only views of a finished run
     return p
 
 

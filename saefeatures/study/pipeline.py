@@ -30,7 +30,7 @@ from .machine import machine_info, stage_dtypes
 from .preflight import check_model, check_run, check_sae_config, corpus_path
 from .probe_stages import stage_monitor, stage_probes, stage_steering
 from .rundir import RunDir, package_versions
-from .sae_stages import stage_cards, stage_sae, stage_sae_directions, stage_scores
+from .sae_stages import log_artifacts, stage_cards, stage_sae, stage_sae_directions, stage_scores
 from .stages import (eval_data, report_directions, stage_activations, stage_corpus, stage_corpus_audit, stage_dense,
                      stage_emobank, stage_reader, stage_sweep)
 from .tracking import Tracker
@@ -123,6 +123,7 @@ def run_study(cfg: RunConfig, out: Path | str, config_path: str | None = None, m
             main = sae_dirs.get(cfg.sae_directions.main_k) or next(iter(sae_dirs.values()))
             stage_reader(study, {"dense": dense, "sae": main})
             stage_cards(study, sae, scores, main, tracker)
+            log_artifacts(study, sae, tracker)
             stage_probes(study, dense, main)
             stage_monitor(study, dense)
             stage_steering(study, {"dense": dense, "sae": main}, sae)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,11 +18,12 @@ import torch
 from ..corpus import DEFAULT_CORPUS, load_corpus
 from ..directions import EmotionDirections, build_sae
 from ..evals.suite import EvalData
-from ..feature_cards import build_cards, cards_tables, load_cards
+from ..feature_cards import build_cards, build_latent_table, load_cards
 from ..files import load_safetensors, read_json, save_safetensors, write_json, write_text
 from ..geometry import direction_cosines
 from ..hook_names import hook_name
 from ..keys import key_of
+from ..latents import LatentTable
 from ..model_cache import sha256_file
 from ..models import load_model, model_identity, resolve_layer
 from ..report.cards import cards_page
@@ -175,8 +177,35 @@ def stage_cards(study: Study, sae, scores: LatentScores, dirs: EmotionDirections
                                 snippets=cfg.card_snippets)
             write_json(path, [c.to_dict() for c in cards])
             write_text(path.parent / "cards.html", cards_page(cards, f"Feature cards, layer {study.layer}"))
-    for name, (cols, rows) in cards_tables(cards).items():
-        tracker.log_table(f"feature_cards/{name}", cols, rows)
+    tracker.log_table("latents", *stage_latent_table(study, sae, scores, dirs).flat())
+
+
+def stage_latent_table(study: Study, sae, scores: LatentScores, dirs: EmotionDirections) -> LatentTable:
+    """Every scored latent in one table (RUN/scores/latents.json and .safetensors): what the latent
+    browser, `saefeatures latents` and `saefeatures latent` read."""
+    key = key_of(study.model_key, study.corpus_key, sae_fingerprint(sae), study.key("scoring"), directions_key(dirs),
+                 study.cfg.sae_directions.card_snippets)
+    table = study.run.reuse("latent_table", key, lambda: LatentTable.load(study.run.path))
+    if table is None:
+        with study.run.stage("latent_table", key):
+            table = build_latent_table(study.model, sae, scores, dirs, study.records,
+                                       snippets=study.cfg.sae_directions.card_snippets)
+            table.save(study.run.path)
+    return table
+
+
+def log_artifacts(study: Study, sae, tracker: Tracker) -> None:
+    """The run's directions and its SAE as wandb artifacts (an SAE with no directory of its own,
+    a pretrained one, is saved to a temporary one first)."""
+    tracker.log_artifact("directions", "directions", study.run.path / "directions",
+                         {"layer": study.layer, "corpus": study.corpus_key})
+    where, meta = _sae_dir(sae, study), study.run.manifest.get("sae", {})
+    if where:
+        tracker.log_artifact("sae", "sae", where, meta)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        sae.save_model(tmp)
+        tracker.log_artifact("sae", "sae", tmp, meta)
 
 
 def default_out_dir(cfg: RunConfig, layer: int) -> Path:

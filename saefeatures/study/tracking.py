@@ -52,9 +52,14 @@ class Tracker:
         if self.run is not None and Path(path).is_file():
             self.run.log({key: self._wandb.Image(str(path))})
 
-    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], types: list[type] | None = None) -> None:
         if self.run is not None:
-            self.run.log({key: self._wandb.Table(columns=columns, data=rows)})
+            self.run.log({key: typed_table(columns, rows, types)})
+
+    def log_artifact(self, name: str, kind: str, path: Path | str, metadata: dict[str, Any] | None = None) -> None:
+        """A file or directory as a wandb artifact (a new version when its content changed)."""
+        if self.run is not None:
+            self.run.log_artifact(file_artifact(name, kind, path, metadata))
 
     def log_html(self, key: str, html: str) -> None:
         if self.run is not None:
@@ -64,6 +69,28 @@ class Tracker:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def typed_table(columns: list[str], rows: list[list[Any]], types: list[type] | None = None) -> Any:
+    """A wandb.Table whose columns hold ``types`` (e.g. int, float, str; None: inferred from the rows)."""
+    import wandb
+
+    return wandb.Table(columns=columns, data=rows, dtype=types)
+
+
+def file_artifact(name: str, kind: str, path: Path | str, metadata: dict[str, Any] | None = None) -> Any:
+    """A wandb.Artifact holding the file or directory ``path`` (its files are staged now)."""
+    import wandb
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: nothing to log as the '{name}' artifact")
+    art = wandb.Artifact(name, type=kind, metadata=metadata or {})
+    if path.is_dir():
+        art.add_dir(str(path))
+    else:
+        art.add_file(str(path))
+    return art
 
 
 def log_steering_wandb(result: SteeringResult, plots: dict[str, str], project: str = "saefeatures",
