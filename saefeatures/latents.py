@@ -86,10 +86,10 @@ class LatentTable:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def save(self, run_dir: Path | str) -> None:
+        """Write RUN/scores/latents.json and latents.safetensors (the matrices as torch tensors, as built)."""
         run = Path(run_dir)
         (run / TABLE_JSON).parent.mkdir(parents=True, exist_ok=True)
-        save_safetensors(run / TABLE_TENSORS, {"auroc": self.auroc.float().contiguous(),
-                                               "cohens_d": self.cohens_d.float().contiguous()})
+        save_safetensors(run / TABLE_TENSORS, {"auroc": self.auroc, "cohens_d": self.cohens_d})
         write_json(run / TABLE_JSON, {"emotions": self.emotions, "meta": self.meta,
                                       "rows": [asdict(r) for r in self.rows]}, indent=None)
 
