@@ -131,13 +131,15 @@ def build_latent_table(model, sae, scores: LatentScores, dirs: EmotionDirections
     latents = list(range(scores.n_latents))
     lens = logit_lens(model, sae, latents)
     snips = _snippets(model, scores, records, {lat: _top_maxima(scores, lat, snippets) for lat in latents})
-    best = auroc.argmax(0).tolist()
-    means = scores.means()
+    best, au, dd = auroc.argmax(0).tolist(), auroc.T.tolist(), d.T.tolist()  # lists: no per-item tensor access
+    top_means = scores.means().topk(min(5, len(scores.classes)), dim=0)
+    tops = [[(scores.classes[i], v) for i, v in zip(ids, vals)]
+            for ids, vals in zip(top_means.indices.T.tolist(), top_means.values.T.tolist())]
     out = []
     for lat in latents:
         chosen = {n: w for n, w in selected.get(lat, {}).items() if n in emotions}
         e = emotions.index(max(chosen, key=chosen.get)) if chosen else best[lat]
-        out.append(LatentRow(lat, emotions[e], float(auroc[e, lat]), float(d[e, lat]), density[lat], chosen,
-                             _top_classes(means, scores.classes, lat), lens[lat], snips[lat]))
+        out.append(LatentRow(lat, emotions[e], au[lat][e], dd[lat][e], density[lat], chosen, tops[lat], lens[lat],
+                             snips[lat]))
     return LatentTable(emotions, out, auroc, d, {"hook": scores.hook, "directions": dirs.recipe,
                                                   "records": len(scores.record_ids)})

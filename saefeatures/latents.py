@@ -140,10 +140,11 @@ class LatentTable:
                     "cohens_d": float(self.cohens_d[self.emotions.index(n), latent])}
                 for n in dict.fromkeys([*row.selected, *best]) if n in self.emotions}
 
-    def flat(self) -> tuple[list[str], list[type], list[list[Any]]]:
-        """(columns, types, rows): one flat row per latent, numbers as numbers (`WANDB_COLUMNS`)."""
+    def flat(self) -> tuple[list[str], list[list[Any]], list[type]]:
+        """(columns, rows, types): one flat row per latent, numbers as numbers (`WANDB_COLUMNS`);
+        the arguments of `Tracker.log_table`."""
         rows = [[r.latent, r.emotion, float(r.weight),
                  ", ".join(f"{n}:{w:.3f}" for n, w in sorted(r.selected.items(), key=lambda x: -x[1])),
                  float(r.auroc), float(r.cohens_d), float(r.density), ", ".join(n for n, _ in r.top_emotions),
                  " ".join(r.logit_lens), r.snippets[0].marked() if r.snippets else ""] for r in self.rows]
-        return [c for c, _ in WANDB_COLUMNS], [t for _, t in WANDB_COLUMNS], rows
+        return [c for c, _ in WANDB_COLUMNS], rows, [t for _, t in WANDB_COLUMNS]

@@ -118,7 +118,7 @@ def _column_kind(table, column: str) -> str:
 
 def test_one_typed_wandb_table_and_artifacts(built, run_dir, tmp_path):
     _, table = built
-    columns, types, rows = table.flat()
+    columns, rows, types = table.flat()
     wb = typed_table(columns, rows, types)
     assert len(wb.data) == len(table.rows) and wb.columns == [c for c, _ in WANDB_COLUMNS]
     for column, kind in WANDB_COLUMNS:
@@ -129,7 +129,7 @@ def test_one_typed_wandb_table_and_artifacts(built, run_dir, tmp_path):
     art = file_artifact("latents", "table", run_dir / "scores")
     assert sorted(art.manifest.entries) == ["latents.json", "latents.safetensors"]
     with Tracker(TrackingConfig(mode="offline"), tmp_path / "wb", name="test") as tracker:
-        tracker.log_table("latents", columns, rows, types)
+        tracker.log_table("latents", *table.flat())
         tracker.log_artifact("directions", "directions", run_dir / "scores", {"layer": 1})
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
 

@@ -23,9 +23,9 @@ def _num(v: float) -> str:
 
 def format_latents(rows: list[dict], emotion: str) -> str:
     """The rows of `LatentTable.for_emotion` as an aligned text table."""
-    head = ["latent", "weight", "auroc", "d", "density", "top emotions", "logit lens"]
+    head = ["latent", "weight", "auroc", "d", "density", "top emotions", "logit lens (|-separated)"]
     body = [[str(r["latent"]), _num(r["weight"]), _num(r["auroc"]), _num(r["cohens_d"]), _num(r["density"]),
-             ", ".join(r["top_emotions"]), " ".join(repr(t)[1:-1] for t in r["logit_lens"])] for r in rows]
+             ", ".join(r["top_emotions"]), "|".join(repr(t)[1:-1] for t in r["logit_lens"])] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head, *body]]
     return f"{len(rows)} latents for {emotion}\n" + "\n".join(lines)
