@@ -25,6 +25,8 @@ N_RESAMPLES = 1000
 """Bootstrap resamples and null draws per number."""
 SEED = 0
 LEVEL = 0.95
+EXACT_UP_TO = 40320
+"""A null over at most this many orders (8!) enumerates them all instead of drawing."""
 
 
 def bootstrap(stat: Callable[[np.ndarray], float], n: int, n_boot: int = N_RESAMPLES, seed: int = SEED,
@@ -48,9 +50,9 @@ def interval(values: np.ndarray, n_boot: int, level: float = LEVEL) -> dict[str,
 
 
 def permutations(n: int, n_perm: int = N_RESAMPLES, seed: int = SEED) -> Iterator[np.ndarray]:
-    """Every permutation of ``range(n)`` when there are at most ``n_perm`` (an exact null, e.g. 5,040
-    orders of 7 doses), else ``n_perm`` random ones."""
-    if math.factorial(n) <= n_perm:
+    """Every permutation of ``range(n)`` when there are at most `EXACT_UP_TO` (an exact null, e.g.
+    the 5,040 orders of 7 doses), else ``n_perm`` random ones."""
+    if math.factorial(n) <= EXACT_UP_TO:
         for p in itertools.permutations(range(n)):
             yield np.array(p)
         return
@@ -71,8 +73,9 @@ def null_summary(observed: float, null: np.ndarray) -> dict[str, float] | None:
     if len(null) < 2 or observed is None or not math.isfinite(observed):
         return None
     p05, p95 = np.percentile(null, [5, 95])
-    return {"mean": float(null.mean()), "p05": float(p05), "p95": float(p95),
-            "percentile": float(percentileofscore(null, observed, kind="mean")), "n_null": float(len(null))}
+    at = percentileofscore(np.round(null, 10), round(observed, 10), kind="mean")  # float noise is no rank
+    return {"mean": float(null.mean()), "p05": float(p05), "p95": float(p95), "percentile": float(at),
+            "n_null": float(len(null))}
 
 
 def group_difference(a: np.ndarray, b: np.ndarray, wa: np.ndarray | None = None, wb: np.ndarray | None = None,
