@@ -32,6 +32,11 @@ DIRECTION_COLUMNS = (("top1", "top-1"), ("top5", "top-5"), ("auroc", "AUROC"), (
                      ("cosine_to_dense_median", "cosine to dense"))
 
 
+def _cell(text: str) -> str:
+    """Text for a Markdown table cell (a bare '|' would end it)."""
+    return text.replace("|", "\\|")
+
+
 def _num(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, (int, float)) else ""
 
@@ -65,10 +70,10 @@ def findings_table(metrics: dict[str, Any], manifest: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|"]
     for f in headline(metrics, direction_sets(metrics, manifest)):
         ci = f"[{_num(f.ci['lower'], 2)}, {_num(f.ci['upper'], 2)}]" if f.ci else ""
-        null = (f"{f.null_kind}: [{_num(f.null['p05'], 2)}, {_num(f.null['p95'], 2)}] ({_num(f.null['mean'], 2)})"
+        null = (f"{_cell(f.null_kind)}: [{_num(f.null['p05'], 2)}, {_num(f.null['p95'], 2)}] ({_num(f.null['mean'], 2)})"
                 if f.null else "")
         pct = f"{f.null['percentile']:.1f}" if f.null else ""
-        rows.append(f"| {f.measure} | {_num(f.value)} | {ci} | {null} | {pct} | {f.paper} |")
+        rows.append(f"| {_cell(f.measure)} | {_num(f.value)} | {ci} | {null} | {pct} | {_cell(f.paper)} |")
     return "\n".join(rows)
 
 

@@ -91,7 +91,7 @@ def findings_notes(metrics: dict[str, Any]) -> list[str]:
     danger, control = lookup(metrics, "probes.danger_tylenol_spearman"), lookup(metrics, "probes.danger_control_spearman")
     if danger is not None:
         notes.append(f"The model's own answer to 'is this dose dangerous?': Spearman of dose vs P(Yes) {danger:.2f} "
-                     f"(vitamin C {_fmt(control)}); a model that does not know the dose is dangerous has no danger "
+                     f"(vitamin C {'&ndash;' if control is None else f'{control:.2f}'}); a model that does not know the dose is dangerous has no danger "
                      "to represent.")
     return notes
 
