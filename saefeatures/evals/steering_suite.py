@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +46,8 @@ class SteeringResult:
     ppl_limit: float = 2.0
     primary: str = "dense"
     """The method whose numbers go to steering.<emotion>.* (the others under steering.<emotion>.<method>.*)."""
+    prompts: list[str] = field(default_factory=list)
+    """The prompt of each continuation at a strength (`CurvePoint.texts` follow this order)."""
 
     def metrics(self) -> dict[str, Any]:
         """The ``steering`` section of metrics.json."""
@@ -71,7 +73,8 @@ class SteeringResult:
                   for c in d["curves"]]
         pref = PreferenceResult(**d["preference"]) if d.get("preference") else None
         pres = PressureResult(**d["pressure"]) if d.get("pressure") else None
-        return cls(curves, pref, pres, d["norm"], d["hook"], d.get("ppl_limit", 2.0), d.get("primary", "dense"))
+        return cls(curves, pref, pres, d["norm"], d["hook"], d.get("ppl_limit", 2.0), d.get("primary", "dense"),
+                   d.get("prompts", []))
 
     def save(self, path: Path | str) -> Path:
         path = Path(path)
@@ -121,4 +124,5 @@ def run_steering_evals(
         else:
             log.warning("steering: pressure probe skipped, no 'desperate' or 'calm' direction")
     primary = cfg.methods[0] if cfg.methods else "dense"
-    return SteeringResult(curves, pref, pres, norm, reader.hook, cfg.ppl_limit, primary)
+    return SteeringResult(curves, pref, pres, norm, reader.hook, cfg.ppl_limit, primary,
+                          [p for p in cfg.prompts for _ in range(cfg.samples_per_prompt)])

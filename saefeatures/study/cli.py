@@ -15,8 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..audit import audit_corpus
-from ..corpus import (DEFAULT_CORPUS, build_corpus, compress, corpus_stats, done_batches, lexicon_valence_check,
-                      load_corpus, read_records, validate_corpus)
+from ..corpus import DEFAULT_CORPUS, corpus_stats, lexicon_valence_check, load_corpus, read_records, validate_corpus
+from ..corpus_build import build_corpus, compress, done_batches
 from ..corpus_import import import_corpus
 from ..directions import EmotionDirections
 from ..errors import UserError

@@ -33,7 +33,7 @@ from .rundir import RunDir, package_versions
 from .sae_stages import log_artifacts, stage_cards, stage_sae, stage_sae_directions, stage_scores
 from .stages import (eval_data, report_directions, stage_activations, stage_corpus, stage_corpus_audit, stage_dense,
                      stage_emobank, stage_reader, stage_sweep)
-from .tracking import Tracker
+from .tracking import Tracker, report_tables
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ def run_study(cfg: RunConfig, out: Path | str, config_path: str | None = None, m
             stage_steering(study, {"dense": dense, "sae": main}, sae)
             path = stage_report(study, t0)
             tracker.log_metrics(study.run.metrics)
+            tracker.log_tables(report_tables(study.run.path, study.run.metrics, study.run.manifest))
             for png in sorted((study.run.path / "figures").rglob("*.png")):
                 tracker.log_image(str(png.relative_to(study.run.path / "figures").with_suffix("")), png)
             tracker.log_html("report", path.read_text())

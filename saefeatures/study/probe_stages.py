@@ -18,6 +18,7 @@ from ..report.monitor import trace_figure, trace_html
 from ..report.probes import tylenol_figure
 from ..report.steering import save_steering_plots
 from ..sae import sae_fingerprint
+from ..stats import N_RESAMPLES, SEED
 from .config import to_dict
 from .context import Study, directions_key, exists_or_raise, fresh_dir
 from .tracking import log_steering_wandb
@@ -32,7 +33,7 @@ def stage_probes(study: Study, dense: EmotionDirections, sae_dirs: EmotionDirect
 
     figs = study.run.path / "figures" / "probes"
     key = key_of(study.model_key, directions_key(dense), None if sae_dirs is None else directions_key(sae_dirs),
-                 to_dict(study.cfg.probes))
+                 to_dict(study.cfg.probes), N_RESAMPLES, SEED)
     if study.run.reuse("probes", key, lambda: (read_json(figs / "probes.json"),
                                                exists_or_raise(figs / "tylenol.png"))) is not None:
         return
@@ -106,7 +107,7 @@ def stage_steering(study: Study, dirs_by_recipe: dict[str, EmotionDirections], s
     neutral = [r.text for r in study.records if r.emotion == "neutral" and r.split == "train"][:32]
     key = key_of(to_dict(cfg), model_key(study.model), neutral,
                  {k: directions_key(d) for k, d in sorted(dirs_by_recipe.items())},
-                 None if sae is None else sae_fingerprint(sae))
+                 None if sae is None else sae_fingerprint(sae), N_RESAMPLES, SEED, "texts")
     reused = study.run.reuse("steering", key, lambda: SteeringResult.load(results))
     if reused is not None:
         log.info("steering: inputs unchanged, reusing %s", results)
