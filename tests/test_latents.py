@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import SMALL_RUN_EMOTIONS, STANDIN_TEXTS, make_random_sae
+from test_findings import broken_references
 
 from saefeatures.activations import ActivationConfig
 from saefeatures.directions import EmotionDirections
@@ -134,43 +133,13 @@ def test_one_typed_wandb_table_and_artifacts(built, run_dir, tmp_path):
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
 
 
-class Refs(HTMLParser):
-    """Every src and href on a page, and every id."""
-
-    def __init__(self):
-        super().__init__()
-        self.refs, self.ids = [], set()
-
-    def handle_starttag(self, tag, attrs):
-        for k, v in attrs:
-            if k in ("src", "href"):
-                self.refs.append(v)
-            if k == "id":
-                self.ids.add(v)
-
-
-def broken_refs(page: str, root: Path) -> list[str]:
-    """src/href values pointing at a missing file or at an id the page lacks (data: URIs are inline)."""
-    parser = Refs()
-    parser.feed(page)
-    bad = []
-    for ref in parser.refs:
-        if ref.startswith("data:"):
-            continue
-        if ref.startswith("#"):
-            bad += [ref] if ref[1:] not in parser.ids else []
-        elif re.match(r"[a-z]+://", ref) or not (root / ref.split("#")[0]).exists():
-            bad.append(ref)
-    return bad
-
-
 def test_the_browser_has_a_row_per_latent_and_links_to_cards(built):
     _, table = built
     page = latents_html(table, {7: "card-7-afraid"})
     assert page.count("<tr id='latent-") == len(table.rows)
     assert "<a href='#card-7-afraid'>7</a>" in page and "<script>" in page and "http" not in page
-    assert broken_refs(page + "<div id='card-7-afraid'></div>", Path(".")) == []
-    assert broken_refs(page, Path(".")) == ["#card-7-afraid"]  # the check finds a link to nothing
+    assert broken_references(page + "<div id='card-7-afraid'></div>", Path(".")) == []
+    assert broken_references(page, Path(".")) == ["#card-7-afraid"]  # the check finds a link to nothing
 
 
 def hashes(root: Path) -> dict[str, str]:
@@ -258,6 +227,6 @@ def test_the_small_runs_report_browses_every_latent(small_run):
     page = (out / "report.html").read_text()
     assert "<h2>Latent browser</h2>" in page
     assert page.count("<tr id='latent-") == len(LatentTable.load(out).rows)
-    assert broken_refs(page, out) == []
+    assert broken_references(page, out) == []
     cards = json.loads((out / "figures" / "cards.json").read_text())
     assert all(f"href='#card-{c['latent']}-" in page for c in cards)
