@@ -19,6 +19,7 @@ from ..corpus import DEFAULT_CORPUS, corpus_stats, lexicon_valence_check, load_c
 from ..corpus_build import build_corpus, compress, done_batches
 from ..corpus_import import import_corpus
 from ..directions import EmotionDirections
+from ..distributed import RankFailure, close_world, init_world, rank_tag
 from ..errors import UserError
 from ..generation import Generator
 from ..geometry import analyze
@@ -141,8 +142,14 @@ def cmd_sae_info(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    run = run_study(_config(args.config), args.out, args.config)
-    _print(run.metrics)
+    cfg = _config(args.config)
+    world = init_world()  # the processes torchrun started, or this one alone
+    try:
+        run = run_study(cfg, args.out, args.config, world=world)
+    finally:
+        close_world(world)
+    if world.leader:
+        _print(run.metrics)
 
 
 def cmd_activations(args: argparse.Namespace) -> None:
@@ -349,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     and exits 2, any other failure one line and exits 1; ``--debug`` re-raises with the traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s {rank_tag()}%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
     except KeyboardInterrupt:
@@ -357,6 +364,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print("error: interrupted; rerun the same command to resume.", file=sys.stderr)
         raise SystemExit(130) from None
+    except RankFailure as e:  # another rank's error (or lost contact), named in one line
+        if args.debug:
+            raise
+        print(f"error: {rank_tag()}{_one_line(e)}", file=sys.stderr)
+        raise SystemExit(1) from None
     except (UserError, OSError) as e:
         if args.debug:
             raise
