@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import traceback
+import zlib
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,53 @@ def test_a_failing_rank_ends_the_others_with_its_error(tiny_study):
     assert codes == [1, 1]
     assert errors[1].startswith("RuntimeError: injected fault")
     assert errors[0].startswith("RankFailure: rank 1 of 2 failed in stage 'scoring': RuntimeError: injected fault")
+
+
+# ------------------------------------------------------------ the corpus build
+
+class StableGenerator:
+    """A stand-in for the model whose texts depend on the prompt and seed only (in any process);
+    ``die_after``: the process ends (as if killed) before its batch of that number."""
+
+    def __init__(self, die_after: int | None = None):
+        self.tokenizer = lambda text, add_special_tokens=False: type("Enc", (), {"input_ids": text.split()})()
+        self.die_after, self.calls = die_after, 0
+
+    def generate(self, prompts, seed, banned=None):
+        if self.die_after is not None and self.calls >= self.die_after:
+            os._exit(9)
+        self.calls += 1
+        story = " ".join(["The morning light came in slowly over the quiet kitchen table."] * 5)
+        return [f"{story} Seed {seed} prompt {zlib.crc32(p.encode()) % 997}." for p in prompts]
+
+
+def _build(world: World, out: str, die_after: int | None = None) -> None:
+    from saefeatures.corpus_build import CorpusConfig, build_corpus
+    from saefeatures.generation import GenerationConfig
+
+    cfg = CorpusConfig(emotions=["calm", "afraid", "happy"], stories_per_emotion=6, neutral_per_topic=1, topics=12,
+                       recipe="paper", generation=GenerationConfig(batch_size=4))
+    gen = StableGenerator(die_after if world.rank == 1 else None)
+    report = build_corpus(cfg, out, gen, "m", world=world)
+    Path(f"{out}.report{world.rank}").write_text(json.dumps([report.generated, report.kept]))
+
+
+def test_corpus_build_on_two_ranks_writes_what_one_process_writes_and_resumes(tmp_path):
+    codes, errors, _ = spawn(_build, 1, tmp_path, str(tmp_path / "one.jsonl"))
+    assert codes == [0], errors
+    reference = (tmp_path / "one.jsonl").read_bytes()
+    codes, errors, _ = spawn(_build, 2, tmp_path, str(tmp_path / "two.jsonl"))
+    assert codes == [0, 0], errors
+    assert (tmp_path / "two.jsonl").read_bytes() == reference
+    assert not list(tmp_path.glob("two.jsonl.part*"))
+    generated = json.loads((tmp_path / "two.jsonl.report0").read_text())[0]
+    assert generated == json.loads((tmp_path / "one.jsonl.report0").read_text())[0]  # summed over ranks
+    # rank 1 dies after two batches; a rerun on one process takes every rank's part and merges
+    codes, errors, _ = spawn(_build, 2, tmp_path, str(tmp_path / "killed.jsonl"), 2)
+    assert codes == [1, 9] and "lost contact" in errors[0]
+    part = [json.loads(line) for line in (tmp_path / "killed.jsonl.part1").read_text().splitlines()]
+    assert len({r["batch"] for r in part}) == 2  # what rank 1 wrote before it died is kept
+    codes, errors, _ = spawn(_build, 1, tmp_path, str(tmp_path / "killed.jsonl"))
+    assert codes == [0], errors
+    assert (tmp_path / "killed.jsonl").read_bytes() == reference
+    assert not list(tmp_path.glob("killed.jsonl.part*"))

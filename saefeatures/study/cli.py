@@ -61,10 +61,19 @@ def cmd_corpus_build(args: argparse.Namespace) -> None:
     check_values(cfg)
     check_model(cfg)
     done_batches(Path(args.out), args.skip_corrupt)  # a corrupt build file to resume fails here, not after loading
-    hf, tokenizer, identity = load_hf(cfg.model.name, dtype=resolve_dtype(build.generation.dtype, cfg.model.device),
-                                      device=cfg.model.device)
-    report = build_corpus(build, args.out, Generator(hf, tokenizer, build.generation), identity.name,
-                          skip_corrupt=args.skip_corrupt)
+    world = init_world()  # under torchrun the ranks share the batches
+    try:
+        hf, tokenizer, identity = load_hf(cfg.model.name, dtype=resolve_dtype(build.generation.dtype, cfg.model.device),
+                                          device=cfg.model.device)
+        report = build_corpus(build, args.out, Generator(hf, tokenizer, build.generation), identity.name,
+                              skip_corrupt=args.skip_corrupt, world=world)
+    except Exception as e:
+        world.fail("corpus build", e)
+        raise
+    finally:
+        close_world(world)
+    if not world.leader:
+        return
     records = list(read_records(args.out))
     kept = [r for r in records if r.dropped is None]
     summary = {"this_run": {"generated": report.generated, "kept": report.kept,
