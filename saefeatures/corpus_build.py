@@ -246,11 +246,6 @@ def build_corpus(
     With ``cfg.recognition_rank`` the model (or ``recognizer``: ``(texts, emotions) -> ranks``) reads
     each emotion text of a batch before the batch is written, so a resumed build reads nothing twice.
     Under `torchrun` (``world``) the ranks share the batches (module doc); the report sums them."""
-
-    recipe = get_recipe(cfg.recipe)
-    reading = cfg.recognition_rank > 0 or cfg.recognition_keep > 0
-    if reading and recognizer is None:
-        recognizer = model_recognizer(generator, calibrated=cfg.recognition_calibrated)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = done_batches(out, skip_corrupt).union(*(done_batches(p, skip_corrupt) for p in part_files(out)))
@@ -258,11 +253,36 @@ def build_corpus(
     todo = world.mine([b for b in plan if b.key not in done])
     world.sync("corpus build")  # every rank has read what is done before any writes
     target = out if world.size == 1 else out.with_name(f"{out.name}.part{world.rank}")
+    log.info("corpus build: %d batches done, %d to go -> %s", len(done), len(todo), target)
+    t0 = time.perf_counter()
+    try:
+        report = _generate(cfg, todo, target, generator, model_id, recognizer)
+    except Exception as e:
+        world.fail("corpus build", e)  # the other ranks raise RankFailure naming this one
+        raise
+    report.seconds = time.perf_counter() - t0
+    counts = world.sync("corpus build", payload=[report.generated, report.kept, report.new_tokens, report.dropped,
+                                                 report.recognition_ranks])
+    if world.size > 1:
+        report.generated, report.kept, report.new_tokens = (sum(c[i] for c in counts) for i in range(3))
+        report.dropped = sum((Counter(c[3]) for c in counts), Counter())
+        report.recognition_ranks = [k for c in counts for k in c[4]]
+    if world.leader and part_files(out):
+        merge_parts(out, plan)
+    world.sync("corpus merge")
+    return report
+
+
+def _generate(cfg: CorpusConfig, batches: list[Batch], target: Path, generator: Generator, model_id: str,
+              recognizer=None) -> BuildReport:
+    """Generate, filter and append ``batches`` to ``target``, one atomic append per batch."""
+    recipe = get_recipe(cfg.recipe)
+    reading = cfg.recognition_rank > 0 or cfg.recognition_keep > 0
+    if reading and recognizer is None:
+        recognizer = model_recognizer(generator, calibrated=cfg.recognition_calibrated)
     report = BuildReport()
     settings = cfg.generation.to_dict()
-    log.info("corpus build: %d batches done, %d to go -> %s", len(done), len(todo), out)
-    t0 = time.perf_counter()
-    for batch in tqdm(todo, desc="corpus", unit="batch"):
+    for batch in tqdm(batches, desc="corpus", unit="batch"):
         seed = batch_seed(cfg.seed, batch.key)
         emotional = batch.emotion not in NON_EMOTION
         ban = emotional and recipe.ban_words
@@ -305,16 +325,6 @@ def build_corpus(
                 split=planned.split, prompt=planned.prompt, text=text, model_id=model_id, seed=seed,
                 generation=gen, batch=batch.key, dropped=reason))
         append_records(target, records)
-    report.seconds = time.perf_counter() - t0
-    counts = world.sync("corpus build", payload=[report.generated, report.kept, report.new_tokens, report.dropped,
-                                                 report.recognition_ranks])
-    if world.size > 1:
-        report.generated, report.kept, report.new_tokens = (sum(c[i] for c in counts) for i in range(3))
-        report.dropped = sum((Counter(c[3]) for c in counts), Counter())
-        report.recognition_ranks = [k for c in counts for k in c[4]]
-    if world.leader and part_files(out):
-        merge_parts(out, plan)
-    world.sync("corpus merge")
     return report
 
 

@@ -25,7 +25,8 @@ import datetime
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -188,3 +189,13 @@ def close_world(world: World) -> None:
     """Leave the process group (nothing in the single-process world)."""
     if world.size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def joined(timeout_s: float | None = None) -> Iterator[World]:
+    """`init_world` for the block, leaving the process group after it however it ends."""
+    world = init_world(timeout_s)
+    try:
+        yield world
+    finally:
+        close_world(world)

@@ -22,7 +22,7 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import make_random_sae, standin_checkpoint
-from saefeatures.distributed import RankFailure, World, close_world, init_world
+from saefeatures.distributed import World, close_world, init_world
 from saefeatures.keys import flatten
 
 TIMEOUT_S = 20

@@ -19,7 +19,7 @@ from ..corpus import DEFAULT_CORPUS, corpus_stats, lexicon_valence_check, load_c
 from ..corpus_build import build_corpus, compress, done_batches
 from ..corpus_import import import_corpus
 from ..directions import EmotionDirections
-from ..distributed import RankFailure, close_world, init_world, rank_tag
+from ..distributed import RankFailure, joined, rank_tag
 from ..errors import UserError
 from ..generation import Generator
 from ..geometry import analyze
@@ -61,17 +61,11 @@ def cmd_corpus_build(args: argparse.Namespace) -> None:
     check_values(cfg)
     check_model(cfg)
     done_batches(Path(args.out), args.skip_corrupt)  # a corrupt build file to resume fails here, not after loading
-    world = init_world()  # under torchrun the ranks share the batches
-    try:
+    with joined() as world:  # under torchrun the ranks share the batches
         hf, tokenizer, identity = load_hf(cfg.model.name, dtype=resolve_dtype(build.generation.dtype, cfg.model.device),
                                           device=cfg.model.device)
         report = build_corpus(build, args.out, Generator(hf, tokenizer, build.generation), identity.name,
                               skip_corrupt=args.skip_corrupt, world=world)
-    except Exception as e:
-        world.fail("corpus build", e)
-        raise
-    finally:
-        close_world(world)
     if not world.leader:
         return
     records = list(read_records(args.out))
@@ -152,11 +146,8 @@ def cmd_sae_info(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     cfg = _config(args.config)
-    world = init_world()  # the processes torchrun started, or this one alone
-    try:
+    with joined() as world:  # the processes torchrun started, or this one alone
         run = run_study(cfg, args.out, args.config, world=world)
-    finally:
-        close_world(world)
     if world.leader:
         _print(run.metrics)
 
@@ -374,8 +365,6 @@ def main(argv: list[str] | None = None) -> None:
         print("error: interrupted; rerun the same command to resume.", file=sys.stderr)
         raise SystemExit(130) from None
     except RankFailure as e:  # another rank's error (or lost contact), named in one line
-        if args.debug:
-            raise
         print(f"error: {rank_tag()}{_one_line(e)}", file=sys.stderr)
         raise SystemExit(1) from None
     except (UserError, OSError) as e:
