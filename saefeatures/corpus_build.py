@@ -2,6 +2,9 @@
 
 One batch per atomic append, so an interrupted build resumes at the first unfinished batch and
 never duplicates or loses a record; every batch draws its own seed from the build's seed and its key.
+Under `torchrun` each rank generates every size-th unfinished batch into its own part file
+(``OUT.part<rank>``, resumable like the build file); when all are done rank 0 merges the parts into
+the build file in plan order: the records, ids and splits one process writes.
 
 Example:
     >>> from saefeatures.corpus_build import CorpusConfig, build_corpus
@@ -10,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import os
 import random
@@ -24,6 +28,7 @@ from tqdm.auto import tqdm
 from . import emotions as emo
 from . import prompts
 from .corpus import NON_EMOTION, CorpusRecord, clean_text, drop_reason, read_records, trim_tail
+from .distributed import World
 from .emotions import emotion_forms
 from .files import atomic_path
 from .generation import GenerationConfig, Generator, batch_seed
@@ -171,6 +176,29 @@ def _repair_torn_tail(path: Path) -> None:
             f.truncate(cut)
 
 
+def part_files(out: Path) -> list[Path]:
+    """The part files ranks of a distributed build wrote beside ``out`` (any world size)."""
+    return sorted(out.parent.glob(f"{out.name}.part*"))
+
+
+def merge_parts(out: Path, plan: list[Batch]) -> None:
+    """Rewrite ``out`` (atomically) with its records and those of its part files, batch by batch in
+    plan order (a batch found twice is kept once), then delete the parts."""
+    place = {b.key: i for i, b in enumerate(plan)}
+    by_batch: dict[str, list[bytes]] = {}
+    for path in [out, *part_files(out)] if out.exists() else part_files(out):
+        lines: dict[str, list[bytes]] = {}
+        for line in path.read_bytes().splitlines(keepends=True):
+            lines.setdefault(json.loads(line)["batch"], []).append(line)
+        for key, rows in lines.items():
+            by_batch.setdefault(key, rows)
+    with atomic_path(out) as tmp:
+        order = sorted(by_batch, key=lambda k: place.get(k, len(place)))
+        Path(tmp).write_bytes(b"".join(line for k in order for line in by_batch[k]))
+    for path in part_files(out):
+        path.unlink()
+
+
 def append_records(path: Path, records: list[CorpusRecord]) -> None:
     """Append a batch of records as one write, flushed to disk (a crash leaves at most a torn tail)."""
     payload = "".join(r.to_json() + "\n" for r in records).encode("utf-8")
@@ -211,26 +239,50 @@ def model_recognizer(generator: Generator, max_tokens: int = 128, calibrated: bo
 
 def build_corpus(
     cfg: CorpusConfig, out: Path | str, generator: Generator, model_id: str, skip_corrupt: bool = False,
-    recognizer=None,
+    recognizer=None, world: World = World(),
 ) -> BuildReport:
     """Generate the planned texts into ``out`` (plain JSONL), resuming where an earlier build stopped.
 
     With ``cfg.recognition_rank`` the model (or ``recognizer``: ``(texts, emotions) -> ranks``) reads
-    each emotion text of a batch before the batch is written, so a resumed build reads nothing twice."""
+    each emotion text of a batch before the batch is written, so a resumed build reads nothing twice.
+    Under `torchrun` (``world``) the ranks share the batches (module doc); the report sums them."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = done_batches(out, skip_corrupt).union(*(done_batches(p, skip_corrupt) for p in part_files(out)))
+    plan = plan_corpus(cfg)
+    todo = world.mine([b for b in plan if b.key not in done])
+    world.sync("corpus build")  # every rank has read what is done before any writes
+    target = out if world.size == 1 else out.with_name(f"{out.name}.part{world.rank}")
+    log.info("corpus build: %d batches done, %d to go -> %s", len(done), len(todo), target)
+    t0 = time.perf_counter()
+    try:
+        report = _generate(cfg, todo, target, generator, model_id, recognizer)
+    except Exception as e:
+        world.fail("corpus build", e)  # the other ranks raise RankFailure naming this one
+        raise
+    report.seconds = time.perf_counter() - t0
+    counts = world.sync("corpus build", payload=[report.generated, report.kept, report.new_tokens, report.dropped,
+                                                 report.recognition_ranks])
+    if world.size > 1:
+        report.generated, report.kept, report.new_tokens = (sum(c[i] for c in counts) for i in range(3))
+        report.dropped = sum((Counter(c[3]) for c in counts), Counter())
+        report.recognition_ranks = [k for c in counts for k in c[4]]
+    if world.leader and part_files(out):
+        merge_parts(out, plan)
+    world.sync("corpus merge")
+    return report
 
+
+def _generate(cfg: CorpusConfig, batches: list[Batch], target: Path, generator: Generator, model_id: str,
+              recognizer=None) -> BuildReport:
+    """Generate, filter and append ``batches`` to ``target``, one atomic append per batch."""
     recipe = get_recipe(cfg.recipe)
     reading = cfg.recognition_rank > 0 or cfg.recognition_keep > 0
     if reading and recognizer is None:
         recognizer = model_recognizer(generator, calibrated=cfg.recognition_calibrated)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = done_batches(out, skip_corrupt)
-    todo = [b for b in plan_corpus(cfg) if b.key not in done]
     report = BuildReport()
     settings = cfg.generation.to_dict()
-    log.info("corpus build: %d batches done, %d to go -> %s", len(done), len(todo), out)
-    t0 = time.perf_counter()
-    for batch in tqdm(todo, desc="corpus", unit="batch"):
+    for batch in tqdm(batches, desc="corpus", unit="batch"):
         seed = batch_seed(cfg.seed, batch.key)
         emotional = batch.emotion not in NON_EMOTION
         ban = emotional and recipe.ban_words
@@ -272,8 +324,7 @@ def build_corpus(
                 id=planned.id, emotion=planned.emotion, topic=planned.topic, kind=planned.kind,
                 split=planned.split, prompt=planned.prompt, text=text, model_id=model_id, seed=seed,
                 generation=gen, batch=batch.key, dropped=reason))
-        append_records(out, records)
-    report.seconds = time.perf_counter() - t0
+        append_records(target, records)
     return report
 
 

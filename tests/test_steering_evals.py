@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from saefeatures.directions import EmotionDirections
+from saefeatures.distributed import World
 from saefeatures.evals.activities import ACTIVITIES
 from saefeatures.evals.dose_response import Curve, CurvePoint, score_continuations
 from saefeatures.evals.judge import judge, repetition_rate
@@ -175,7 +176,7 @@ def test_stage_steering_records_metrics_plots_and_reuses(model, happy_dirs, tmp_
     cfg.steering = SteeringConfig(emotions=["happy", "proud"], strengths=[0.0, 0.2, 0.4],
                                   methods=["dense", "sae_clamp"], prompts=NEUTRAL_PROMPTS[:2], max_new_tokens=8,
                                   preference_activities=8, preference_pairs=2)
-    study = SimpleNamespace(cfg=cfg, run=RunDir.open(tmp_path / "run"), model=model, records=[])
+    study = SimpleNamespace(cfg=cfg, run=RunDir.open(tmp_path / "run"), model=model, records=[], world=World())
     result = stage_steering(study, {"dense": happy_dirs}, make_sae())
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["steering"]
     happy = metrics["happy"]
@@ -241,6 +242,6 @@ def test_disabled_steering_drops_an_earlier_runs_section(tmp_path):
     (tmp_path / "run" / "figures" / "steering").mkdir(parents=True)
     cfg = RunConfig()
     cfg.steering.enabled = False
-    assert stage_steering(SimpleNamespace(cfg=cfg, run=run, model=None, records=[]), {}) is None
+    assert stage_steering(SimpleNamespace(cfg=cfg, run=run, model=None, records=[], world=World()), {}) is None
     assert "steering" not in json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert not (tmp_path / "run" / "figures" / "steering").exists()

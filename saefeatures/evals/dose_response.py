@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,6 +29,7 @@ import torch
 
 from .. import emotions as emo
 from ..directions import EmotionDirections
+from ..distributed import World
 from ..hf_hooks import tl_named_hooks
 from ..models import hf_twin
 from ..stats import group_difference
@@ -146,6 +147,10 @@ class Curve:
     points: list[CurvePoint]
     note: str = ""
 
+    @classmethod
+    def from_dict(cls, c: dict[str, Any]) -> "Curve":
+        return cls(c["emotion"], c["method"], [CurvePoint(**p) for p in c["points"]], c.get("note", ""))
+
     def metrics(self, ppl_limit: float = 2.0) -> dict[str, Any]:
         s = [p.strength for p in self.points]
         fluent = [p for p in self.points if p.ppl_ratio < ppl_limit]
@@ -236,15 +241,18 @@ def dose_response(
     cfg: SteeringConfig,
     reader: EmotionDirections,
     norm: float,
+    world: World = World(),
 ) -> list[Curve]:
-    """Curves of every (emotion, method) in the config; one baseline generation is shared."""
+    """Curves of every (emotion, method) in the config; one baseline generation is shared. Under
+    `torchrun` (``world``) each rank generates every size-th (emotion, method) cell (and the shared
+    baseline) and every rank gets all the curves, in the config's order."""
     strengths = check_strengths(cfg.strengths)
     prompts = [p for p in cfg.prompts for _ in range(cfg.samples_per_prompt)]
     gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
                       repetition_penalty=cfg.repetition_penalty, batch_size=cfg.batch_size, backend="hf")
     t0 = time.perf_counter()
     base = generate_steered_full(model, None, prompts, **gen_kwargs)
-    groups: list[tuple[str, str, str, list[Generation]]] = []
+    cells = []
     for emotion in cfg.emotions:
         for method in cfg.methods:
             if method.endswith("_clamp") and sae is None:
@@ -254,15 +262,18 @@ def dose_response(
             if emotion not in dirs.names:
                 log.warning("steering: '%s' is not in the %s directions; skipped", emotion, method)
                 continue
-            rows = [Steering.from_spec(SteeringSpec(emotions={emotion: s}, method=kind, op=cfg.clamp_op,
-                                                    positions=cfg.positions, clamp_latents=cfg.clamp_latents),
-                                       model, directions=dirs, sae=sae if kind == "clamp" else None, norm=norm)
-                    for s in strengths[1:]]
-            stacked = Steering.stack(rows, repeat=len(prompts))
-            gens = generate_steered_full(model, stacked, prompts * len(rows), **gen_kwargs)
-            groups.append((emotion, method, note, gens))
-            log.info("steering: generated %s / %s (%d continuations, %.0f s so far)", emotion, method,
-                     len(gens), time.perf_counter() - t0)
+            cells.append((emotion, method, dirs, kind, note))
+    groups: list[tuple[str, str, str, list[Generation]]] = []
+    for emotion, method, dirs, kind, note in world.mine(cells):
+        rows = [Steering.from_spec(SteeringSpec(emotions={emotion: s}, method=kind, op=cfg.clamp_op,
+                                                positions=cfg.positions, clamp_latents=cfg.clamp_latents),
+                                   model, directions=dirs, sae=sae if kind == "clamp" else None, norm=norm)
+                for s in strengths[1:]]
+        stacked = Steering.stack(rows, repeat=len(prompts))
+        gens = generate_steered_full(model, stacked, prompts * len(rows), **gen_kwargs)
+        groups.append((emotion, method, note, gens))
+        log.info("steering: generated %s / %s (%d continuations, %.0f s so far)", emotion, method,
+                 len(gens), time.perf_counter() - t0)
     everything = base + [g for *_, gens in groups for g in gens]
     pooled, nll, count = score_continuations(model, everything, reader.hook)
     proj_all = reader.project(pooled)  # n, n_emotions
@@ -288,7 +299,11 @@ def dose_response(
             points.append(point(s, sl, emotion, p0.perplexity))
         offset += len(gens)
         curves.append(Curve(emotion, method, points, note))
-    return curves
+    if world.size == 1:
+        return curves
+    by_cell = {(c["emotion"], c["method"]): c for part in world.sync("steering", payload=[asdict(c) for c in curves])
+               for c in part}
+    return [Curve.from_dict(by_cell[emotion, method]) for emotion, method, *_ in cells]
 
 
 MEASURES = (("projection", "projection on direction"), ("valence", "judge valence (Warriner)"),

@@ -19,6 +19,7 @@ from ..corpus import DEFAULT_CORPUS, corpus_stats, lexicon_valence_check, load_c
 from ..corpus_build import build_corpus, compress, done_batches
 from ..corpus_import import import_corpus
 from ..directions import EmotionDirections
+from ..distributed import RankFailure, joined, rank_tag
 from ..errors import UserError
 from ..generation import Generator
 from ..geometry import analyze
@@ -61,10 +62,13 @@ def cmd_corpus_build(args: argparse.Namespace) -> None:
     check_values(cfg)
     check_model(cfg)
     done_batches(Path(args.out), args.skip_corrupt)  # a corrupt build file to resume fails here, not after loading
-    hf, tokenizer, identity = load_hf(cfg.model.name, dtype=resolve_dtype(build.generation.dtype, cfg.model.device),
-                                      device=cfg.model.device)
-    report = build_corpus(build, args.out, Generator(hf, tokenizer, build.generation), identity.name,
-                          skip_corrupt=args.skip_corrupt)
+    with joined() as world:  # under torchrun the ranks share the batches
+        hf, tokenizer, identity = load_hf(cfg.model.name, dtype=resolve_dtype(build.generation.dtype, cfg.model.device),
+                                          device=cfg.model.device)
+        report = build_corpus(build, args.out, Generator(hf, tokenizer, build.generation), identity.name,
+                              skip_corrupt=args.skip_corrupt, world=world)
+    if not world.leader:
+        return
     records = list(read_records(args.out))
     kept = [r for r in records if r.dropped is None]
     summary = {"this_run": {"generated": report.generated, "kept": report.kept,
@@ -142,8 +146,11 @@ def cmd_sae_info(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    run = run_study(_config(args.config), args.out, args.config)
-    _print(run.metrics)
+    cfg = _config(args.config)
+    with joined() as world:  # the processes torchrun started, or this one alone
+        run = run_study(cfg, args.out, args.config, world=world)
+    if world.leader:
+        _print(run.metrics)
 
 
 def cmd_activations(args: argparse.Namespace) -> None:
@@ -351,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     and exits 2, any other failure one line and exits 1; ``--debug`` re-raises with the traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s {rank_tag()}%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
     except KeyboardInterrupt:
@@ -359,6 +366,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print("error: interrupted; rerun the same command to resume.", file=sys.stderr)
         raise SystemExit(130) from None
+    except RankFailure as e:  # another rank's error (or lost contact), named in one line
+        print(f"error: {rank_tag()}{_one_line(e)}", file=sys.stderr)
+        raise SystemExit(1) from None
     except (UserError, OSError) as e:
         if args.debug:
             raise

@@ -20,7 +20,7 @@ from ..report.steering import save_steering_plots
 from ..sae import sae_fingerprint
 from ..stats import N_RESAMPLES, SEED
 from .config import to_dict
-from .context import Study, directions_key, exists_or_raise, fresh_dir
+from .context import Study, directions_key, exists_or_raise, fresh_dir, reuse_together
 from .tracking import log_steering_wandb
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,8 @@ def stage_steering(study: Study, dirs_by_recipe: dict[str, EmotionDirections], s
     results = study.run.path / "steering" / "results.json"
     figures = study.run.path / "figures" / "steering"
     if not cfg.enabled:
+        if not study.world.leader:
+            return None
         log.info("steering: disabled in the config")
         if "steering" in study.run.metrics:  # numbers of an earlier run must not pass for this config's
             study.run.drop("steering")
@@ -108,13 +110,15 @@ def stage_steering(study: Study, dirs_by_recipe: dict[str, EmotionDirections], s
     key = key_of(to_dict(cfg), model_key(study.model), neutral,
                  {k: directions_key(d) for k, d in sorted(dirs_by_recipe.items())},
                  None if sae is None else sae_fingerprint(sae), N_RESAMPLES, SEED, "texts")
-    reused = study.run.reuse("steering", key, lambda: SteeringResult.load(results))
+    reused = reuse_together(study, "steering", key, lambda: SteeringResult.load(results))
     if reused is not None:
         log.info("steering: inputs unchanged, reusing %s", results)
         return reused
+    if not study.world.leader:  # its share of the cells, handed to rank 0
+        return run_steering_evals(study.model, dirs_by_recipe, sae, cfg, neutral or None, study.world)
     with study.run.stage("steering", key):
         shutil.rmtree(figures, ignore_errors=True)  # figures of emotions no longer configured go too
-        result = run_steering_evals(study.model, dirs_by_recipe, sae, cfg, norm_texts=neutral or None)
+        result = run_steering_evals(study.model, dirs_by_recipe, sae, cfg, neutral or None, study.world)
         study.run.replace("steering", result.metrics())
         plots = save_steering_plots(result, figures)
         result.save(results)

@@ -6,7 +6,9 @@ on the next run (`RunDir.reuse`), one whose outputs are missing or corrupt is re
 that recomputes replaces its whole section of ``metrics.json`` (the nested metrics object
 documented in the README), so nothing of an older config survives beside the new numbers. One process at a
 time writes a run directory: `RunDir.open` takes an exclusive lock on ``DIR/.lock`` and a second
-opener fails at once, naming the holder's pid. A finished run reopens with ``readonly=True``.
+opener fails at once, naming the holder's pid. A finished run reopens with ``readonly=True``. Under
+`torchrun` rank 0 holds the lock and writes; the other ranks open it with ``follower=True``: no
+lock, and their `save` writes nothing (they compute their share and hand it to rank 0).
 """
 
 from __future__ import annotations
@@ -73,18 +75,25 @@ class RunDir:
     manifest: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     readonly: bool = False
+    follower: bool = False
+    """Another rank than 0 of a distributed run: reads the run, never writes its manifest or metrics."""
     skipped: list[str] = field(default_factory=list)
     """Stages skipped in this process (inputs unchanged, outputs load)."""
     recomputed: list[str] = field(default_factory=list)
     """Stages run in this process."""
+    current: str = "open"
+    """The stage last begun (what a failure is reported in)."""
     _lock_fd: int | None = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, path: Path | str, readonly: bool = False) -> "RunDir":
+    def open(cls, path: Path | str, readonly: bool = False, follower: bool = False) -> "RunDir":
         """Open (creating) ``path`` for writing, locked against other runs; ``readonly`` opens an
-        existing run for inspection, without a lock, and refuses to save."""
+        existing run for inspection, without a lock, and refuses to save; ``follower`` opens the
+        directory rank 0 of the same distributed run holds (no lock; `save` does nothing)."""
         path = Path(path)
-        if readonly:
+        if follower:
+            run = cls(path, follower=True)
+        elif readonly:
             if not (path / "manifest.json").is_file():
                 raise RunDirError(f"{path} is not a run directory (no manifest.json)")
             run = cls(path, readonly=True)
@@ -150,6 +159,8 @@ class RunDir:
         """Write metrics, then the manifest: a stage the manifest marks done has its metrics on disk."""
         if self.readonly:
             raise RunDirError(f"{self.path} was opened read-only")
+        if self.follower:
+            return
         write_json(self.path / "metrics.json", self.metrics)
         write_json(self.path / "manifest.json", self.manifest)
 
@@ -195,6 +206,7 @@ class RunDir:
         """Time a stage and mark it done with its input key when the block completes (it is marked
         not done on disk first, so outputs half-rewritten by an interrupted stage are never trusted)."""
         t0 = time.perf_counter()
+        self.current = name
         self.manifest["stages"][name] = {"key": key, "done": False}
         self.save()
         yield

@@ -33,7 +33,7 @@ from ..sae.data import held_out_texts
 from ..sae.effects import output_scores
 from ..sae.train import TrainResult, finished
 from .config import RunConfig, to_dict
-from .context import Study, directions_key, exists_or_raise, pooling
+from .context import Study, directions_key, exists_or_raise, pooling, reuse_together
 from .stages import report_directions, shared_store
 from .tracking import Tracker
 
@@ -41,7 +41,17 @@ log = logging.getLogger(__name__)
 
 
 def stage_sae(study: Study):
-    """Load (or train, then load) the SAE per the config, and record its quality on held-out text."""
+    """Load (or train, then load) the SAE per the config, and record its quality on held-out text
+    (rank 0; the other ranks of a distributed run load the SAE once it is ready)."""
+    if not study.world.leader:
+        study.world.sync("sae", timeout_s=study.world.wait_s)
+        return prepare_sae(study.cfg, study.model, study.run.path)
+    sae = _leader_sae(study)
+    study.world.sync("sae")
+    return sae
+
+
+def _leader_sae(study: Study):
     with study.run.stage("sae_load"):
         sae = prepare_sae(study.cfg, study.model, study.run.path)
     path = study.run.path / "sae_evals.json"
@@ -89,14 +99,18 @@ def stage_scores(study: Study, sae) -> LatentScores:
     out = study.run.path / "scores"
     key = key_of(study.corpus_key, study.model_key, study.layer, sae_fingerprint(sae), to_dict(cfg),
                  pooling(study, [sae.cfg.metadata.hook_name]), study.cfg.activations.batch_tokens)
-    scores = study.run.reuse("scoring", key, lambda: LatentScores.load(out))
+    scores = reuse_together(study, "scoring", key, lambda: LatentScores.load(out))
     if scores is None:
         with study.run.stage("scoring", key):
             store = shared_store(study, sae)
             held_out = [r for r in study.records if r.split == study.cfg.evals.split]
-            score_latents(study.model, sae, records, cfg, study.cfg.activations, pooled=store,
-                          scale_records=held_out if store is not None and held_out else None).save(out)
-        scores = LatentScores.load(out)
+            scores = score_latents(study.model, sae, records, cfg, study.cfg.activations, pooled=store,
+                                   scale_records=held_out if store is not None and held_out else None,
+                                   world=study.world)
+            if study.world.leader:
+                scores.save(out)
+        if study.world.leader:
+            scores = LatentScores.load(out)
     return scores
 
 

@@ -26,7 +26,7 @@ from ..models import model_identity
 from ..report.geometry import save_plots
 from ..stats import N_RESAMPLES, SEED
 from .config import to_dict
-from .context import Study, activations_dir, directions_key, exists_or_raise, fresh_dir, pooling
+from .context import Study, activations_dir, directions_key, exists_or_raise, fresh_dir, pooling, reuse_together
 from .layer_sweep import sweep_rows
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,12 @@ def stage_activations(study: Study) -> PooledActivations:
     key = key_of(study.corpus_key, study.model_key, study.layers, to_dict(cfg))
     needed = [r for r in study.records if r.split in ("train", study.cfg.evals.split)]
     out = activations_dir(study)
-    acts = study.run.reuse("activations", key, lambda: PooledStore(out, pooling(study), cfg.shard_records,
-                                                                   records=needed).read([r.id for r in needed]))
+    acts = reuse_together(study, "activations", key, lambda: PooledStore(out, pooling(study), cfg.shard_records,
+                                                                         records=needed).read([r.id for r in needed]),
+                          lambda: PooledActivations([], {}))
     if acts is None:
         with study.run.stage("activations", key):
-            acts = collect_pooled(study.model, needed, cfg, out, layers=study.layers)
+            acts = collect_pooled(study.model, needed, cfg, out, layers=study.layers, world=study.world)
     return acts
 
 
@@ -94,7 +95,8 @@ def shared_store(study: Study, sae) -> PooledStore | None:
     over the train split serves both stages when the SAE reads the studied hook."""
     if sae.cfg.metadata.hook_name != study.hook:
         return None
-    return PooledStore(activations_dir(study), pooling(study), study.cfg.activations.shard_records, records=study.records)
+    return PooledStore(activations_dir(study), pooling(study), study.cfg.activations.shard_records, records=study.records,
+                       world=study.world)
 
 
 def emobank_key(study: Study) -> str:
@@ -111,11 +113,13 @@ def stage_emobank(study: Study) -> tuple[PooledActivations, np.ndarray, np.ndarr
     out = activations_dir(study, "emobank")
     key = emobank_key(study)
     cfg = study.cfg.activations
-    acts = study.run.reuse("emobank_activations", key, lambda: PooledStore(
-        out, pooling(study), cfg.shard_records, records=sentences).read([s.id for s in sentences]))
+    acts = reuse_together(study, "emobank_activations", key, lambda: PooledStore(
+        out, pooling(study), cfg.shard_records, records=sentences).read([s.id for s in sentences]),
+                          lambda: PooledActivations([], {}))
     if acts is None:
         with study.run.stage("emobank_activations", key):
-            acts = collect_pooled(study.model, sentences, cfg, out, layers=study.layers, desc="emobank")
+            acts = collect_pooled(study.model, sentences, cfg, out, layers=study.layers, desc="emobank",
+                                  world=study.world)
     return acts, np.array([s.valence for s in sentences]), np.array([s.arousal for s in sentences])
 
 
