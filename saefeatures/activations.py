@@ -28,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from .distributed import World
 from .dtype_copies import with_dtype
 from .errors import UserError
 from .files import CorruptArtifactError, load_safetensors, read_json, save_safetensors, write_json
@@ -230,7 +231,8 @@ class PooledStore:
     unreadable shard is named in the log, deleted and its rows recomputed.
     """
 
-    def __init__(self, out_dir: Path | str | None, meta: dict, shard_records: int = 1024, *, records: Sequence):
+    def __init__(self, out_dir: Path | str | None, meta: dict, shard_records: int = 1024, *, records: Sequence,
+                 world: World = World()):
         self.out = Path(out_dir) if out_dir is not None else None
         self.names: list[str] = meta["hooks"]
         self.shard_records = shard_records
@@ -252,11 +254,13 @@ class PooledStore:
                         missing = set(self.names) - set(f.keys())
                 except (SafetensorError, ValueError, KeyError) as e:
                     log.warning("%s is corrupt (%s); deleting it and recomputing its rows", path, e)
-                    path.unlink()
+                    path.unlink(missing_ok=True)  # another rank of a distributed run may have done so
                     continue
                 if missing:
                     raise ValueError(f"{path} lacks {sorted(missing)}; delete {self.out} to recollect.")
                 self.done.update(i for i, k in zip(ids, keys) if self.text_keys.get(i) == k)
+        # the ranks of a distributed run share the directory: rank r writes start + r, start + r + size, ...
+        self.shard_index, self.shard_step = max(world.sync("pooled rows", payload=self.shard_index)) + world.rank, world.size
 
     def add(self, ids: Sequence[str], pooled: dict[str, Tensor]) -> None:
         """Append the rows of ``ids`` not stored yet; a full buffer is written as a shard."""
@@ -280,7 +284,7 @@ class PooledStore:
             keys = [self.text_keys.get(i, "") for i in self._buf_ids]
             save_safetensors(self.out / f"shard-{self.shard_index:05d}.safetensors", acts,
                              metadata={"ids": json.dumps(self._buf_ids), "text_keys": json.dumps(keys)})
-            self.shard_index += 1
+            self.shard_index += self.shard_step
         else:
             self._mem_ids.extend(self._buf_ids)
             for n, v in acts.items():
@@ -338,12 +342,14 @@ def collect_pooled(
     out_dir: Path | str | None = None,
     layers: Sequence[int] | None = None,
     desc: str = "activations",
+    world: World = World(),
 ) -> PooledActivations:
     """Pool activations of every record (objects with ``.id`` and ``.text``) at the chosen layers.
 
     With ``out_dir`` the pooled rows go to safetensors shards as they are computed and a rerun
     resumes after the last complete shard; a record whose text changed since its row was stored is
-    pooled again. Memory is bounded by one shard, not the corpus.
+    pooled again. Memory is bounded by one shard, not the corpus. Under `torchrun` each rank pools every
+    size-th batch into ``out_dir``; rank 0 reads them all back, the others get no rows.
     """
     layers = list(layers or cfg.layers)
     if not layers:
@@ -352,7 +358,7 @@ def collect_pooled(
         check_layer(model, layer)
     names = [hook_name(layer, cfg.hook) for layer in layers]
     check_poolable(model.tokenizer, records, cfg.max_tokens)
-    store = PooledStore(out_dir, pooling_meta(model, names, cfg), cfg.shard_records, records=records)
+    store = PooledStore(out_dir, pooling_meta(model, names, cfg), cfg.shard_records, records=records, world=world)
     todo = [r for r in records if r.id not in store.done]
     if store.done:
         log.info("%s: %d records already pooled in %s, %d to go", desc, len(store.done), out_dir, len(todo))
@@ -361,14 +367,15 @@ def collect_pooled(
         # Batches are formed within each shard-sized chunk so a shard holds whole batches.
         for start in range(0, len(todo), cfg.shard_records):
             chunk = todo[start : start + cfg.shard_records]
-            for batch in iter_batches(model.tokenizer, [r.id for r in chunk], [r.text for r in chunk],
-                                      cfg.batch_tokens, cfg.max_tokens):
+            for batch in world.mine(list(iter_batches(model.tokenizer, [r.id for r in chunk], [r.text for r in chunk],
+                                                      cfg.batch_tokens, cfg.max_tokens))):
                 acts = forward_hooks(run_model, batch.tokens, names)
                 mask = batch.content_mask(cfg.skip_first)
                 store.add(batch.ids, {n: pool_batch(acts[n], mask) for n in names})
                 bar.update(len(batch.ids))
             store.flush()
-    return store.read([r.id for r in records])
+    world.sync(desc)
+    return store.read([r.id for r in records]) if world.leader else PooledActivations([], {})
 
 
 def _check_meta(out: Path, meta: dict) -> None:

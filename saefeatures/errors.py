@@ -12,3 +12,11 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A config has an unknown key or a value of the wrong type."""
+
+
+def one_line(e: BaseException) -> str:
+    """An error as the command line prints it: one line, naming the file of an OSError."""
+    text = " ".join(str(e).split())
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return text

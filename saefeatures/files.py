@@ -20,13 +20,14 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import Tensor
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 TMP_SUFFIX = ".tmp"
 _UMASK = os.umask(0o022)
@@ -111,6 +112,8 @@ def write_json(path: Path | str, obj: Any, indent: int | None = 2) -> None:
 
 def save_safetensors(path: Path | str, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
     """Save ``tensors`` as safetensors atomically."""
+    from safetensors.torch import save_file  # torch only where tensors are: reading JSON needs none
+
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
@@ -124,9 +127,14 @@ def read_json(path: Path | str) -> Any:
         raise CorruptArtifactError(f"{path} is corrupt ({e}); delete it or rerun the stage that writes it") from e
 
 
-def load_safetensors(path: Path | str) -> dict[str, Tensor]:
-    """Load a safetensors file; a truncated or malformed one raises `CorruptArtifactError` naming it."""
+def load_safetensors(path: Path | str, framework: str = "pt") -> dict[str, Any]:
+    """Load a safetensors file as torch tensors (``framework="np"``: numpy arrays, without importing
+    torch); a truncated or malformed one raises `CorruptArtifactError` naming it."""
     path = Path(path)
+    if framework == "np":
+        from safetensors.numpy import load_file
+    else:
+        from safetensors.torch import load_file
     try:
         return load_file(str(path))
     except SafetensorError as e:

@@ -7,6 +7,7 @@ PC signs are arbitrary, so each PC is sign-aligned to make its correlation posit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +17,7 @@ from scipy.stats import pearsonr, spearmanr
 
 from . import emotions as emo
 from .directions import EmotionDirections
+from .stats import N_RESAMPLES, SEED, bootstrap, null_summary, permuted
 
 
 @dataclass
@@ -97,6 +99,47 @@ def analyze(dirs: EmotionDirections, n_pcs: int = 4, n_clusters: int = 10) -> Ge
         arousal_best_r=max(best), arousal_best_pc=best_pc,
         n_rated=len(rows), clusters=clusters,
     )
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def uncertainty(dirs: EmotionDirections, geo: Geometry, n_boot: int = N_RESAMPLES,
+                seed: int = SEED) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Bootstrap intervals and permutation nulls of ``valence_r`` and ``arousal_r``: ``(ci, null)``.
+
+    The interval resamples the emotions (the PCA is redone on each resample, each PC's sign set by
+    the full sample's axis, so a resample whose PC1 stops tracking valence counts as such); the
+    null shuffles the human ratings over the rated emotions and takes |r| of the same PC, as the
+    observed r's sign is aligned after the fact."""
+    x = dirs.vectors.double().numpy()
+    u, s, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    z = u * s  # coordinates in the PCs' basis: each resample's PCA runs in this n x n space
+    signs = np.sign(np.einsum("kd,kd->k", geo.axes, vt[: len(geo.axes)]))
+    v = np.array([emo.get(n).valence if n in emo.NAMES and emo.get(n).valence is not None else np.nan
+                  for n in dirs.names])
+    a = np.array([emo.get(n).arousal if n in emo.NAMES and emo.get(n).arousal is not None else np.nan
+                  for n in dirs.names])
+    rated = ~np.isnan(v)
+    ci, null = {}, {}
+    for name, pc, target, observed in (("valence_r", 0, v, geo.valence_r), ("arousal_r", 1, a, geo.arousal_r)):
+        if pc >= len(geo.axes) or not math.isfinite(observed):
+            continue
+
+        def resampled_r(idx: np.ndarray, pc: int = pc, target: np.ndarray = target) -> float:
+            zc = z[idx] - z[idx].mean(0)
+            axis = np.linalg.svd(zc, full_matrices=False)[2][pc]
+            scores = zc @ axis * (np.sign(axis[pc]) or 1.0) * signs[pc]
+            keep = rated[idx]
+            return _pearson(scores[keep], target[idx][keep])
+
+        ci[name] = bootstrap(resampled_r, len(z), n_boot, seed)
+        scores, t = geo.scores[rated, pc], target[rated]
+        null[name] = null_summary(observed, permuted(lambda p: abs(_pearson(scores, t[p])), len(t), n_boot, seed))
+    return {k: c for k, c in ci.items() if c}, {k: n for k, n in null.items() if n}
 
 
 def direction_cosines(a: EmotionDirections, b: EmotionDirections) -> dict[str, float]:

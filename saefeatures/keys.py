@@ -47,3 +47,12 @@ def flatten(d: dict[str, Any], sep: str = ".", prefix: str = "") -> dict[str, An
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def lookup(d: dict[str, Any], dotted: str) -> Any:
+    """The value under a dotted key of a nested dict (``lookup(m, "dense.top1")``); None if absent."""
+    for k in dotted.split("."):
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d

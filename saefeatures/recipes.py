@@ -4,7 +4,7 @@ A recipe is a user prompt template, an optional start of the assistant's reply (
 135M model continues a started sentence far more reliably than it follows an instruction), whether
 the emotion's words are banned while decoding, and how many tokens to generate. `RECIPES` holds the
 ones compared by ``scripts/bench_recipes.py``; the corpus build takes one by name
-(``CorpusConfig.recipe``).
+(``corpus_build.CorpusConfig.recipe``).
 
 Two readings of a text by the model itself:
 

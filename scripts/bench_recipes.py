@@ -87,7 +87,8 @@ def main() -> None:
     from safetensors.torch import load_file, save_file
 
     from saefeatures import prompts
-    from saefeatures.corpus import clean_text, emotion_forms, load_corpus
+    from saefeatures.corpus import clean_text, load_corpus
+    from saefeatures.emotions import emotion_forms
     from saefeatures.corpus_import import read_story_set
     from saefeatures.directions import DirectionConfig, build_dense
     from saefeatures.emotions import NAMES

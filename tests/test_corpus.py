@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import pytest
 
 from saefeatures import corpus as C
+from saefeatures import corpus_build as B
 from saefeatures.generation import GenerationConfig, Generator
 from saefeatures.prompts import TOPICS, topic_split
 
@@ -37,9 +38,9 @@ def test_clean_text_strips_title_and_unfinished_sentence():
 
 
 def test_splits_are_topic_disjoint_and_cover_every_emotion():
-    cfg = C.CorpusConfig(emotions=["calm", "afraid", "happy"], stories_per_emotion=12, neutral_per_topic=1,
+    cfg = B.CorpusConfig(emotions=["calm", "afraid", "happy"], stories_per_emotion=12, neutral_per_topic=1,
                          recipe="paper")
-    items = [i for b in C.plan_corpus(cfg) for i in b.items]
+    items = [i for b in B.plan_corpus(cfg) for i in b.items]
     by_topic = {}
     for i in items:
         by_topic.setdefault(i.topic, set()).add(i.split)
@@ -54,7 +55,7 @@ def test_splits_are_topic_disjoint_and_cover_every_emotion():
 
 def test_bad_emotion_name_in_plan():
     with pytest.raises(KeyError, match="Unknown emotion 'hapy'"):
-        C.plan_corpus(C.CorpusConfig(emotions=["hapy"]))
+        B.plan_corpus(B.CorpusConfig(emotions=["hapy"]))
 
 
 @dataclass
@@ -78,19 +79,19 @@ class WordTokenizer:
 
 
 def _cfg():
-    return C.CorpusConfig(emotions=["calm", "afraid"], stories_per_emotion=6, neutral_per_topic=1, topics=12,
+    return B.CorpusConfig(emotions=["calm", "afraid"], stories_per_emotion=6, neutral_per_topic=1, topics=12,
                           recipe="paper",
                           generation=GenerationConfig(batch_size=4))
 
 
 def test_resume_after_interruption_loses_and_duplicates_nothing(tmp_path):
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
-    C.build_corpus(_cfg(), full, ScriptedGenerator(WordTokenizer()), "m")
+    B.build_corpus(_cfg(), full, ScriptedGenerator(WordTokenizer()), "m")
     with pytest.raises(KeyboardInterrupt):
-        C.build_corpus(_cfg(), part, ScriptedGenerator(WordTokenizer(), fail_after=3), "m")
+        B.build_corpus(_cfg(), part, ScriptedGenerator(WordTokenizer(), fail_after=3), "m")
     with open(part, "a") as f:  # a torn line, as a kill in the middle of an append leaves
         f.write('{"id": "calm-0')
-    report = C.build_corpus(_cfg(), part, ScriptedGenerator(WordTokenizer()), "m")
+    report = B.build_corpus(_cfg(), part, ScriptedGenerator(WordTokenizer()), "m")
     assert report.generated > 0
     a = [json.loads(x) for x in full.read_text().splitlines()]
     b = [json.loads(x) for x in part.read_text().splitlines()]
@@ -98,13 +99,13 @@ def test_resume_after_interruption_loses_and_duplicates_nothing(tmp_path):
     assert len({r["id"] for r in b}) == len(b)
     assert {r["id"]: r["text"] for r in a} == {r["id"]: r["text"] for r in b}
     # a finished build does nothing more
-    again = C.build_corpus(_cfg(), part, ScriptedGenerator(WordTokenizer(), fail_after=0), "m")
+    again = B.build_corpus(_cfg(), part, ScriptedGenerator(WordTokenizer(), fail_after=0), "m")
     assert again.generated == 0
 
 
 def test_corrupt_line_is_named_and_skipped_only_when_asked(tmp_path):
     path = tmp_path / "c.jsonl"
-    C.build_corpus(_cfg(), path, ScriptedGenerator(WordTokenizer()), "m")
+    B.build_corpus(_cfg(), path, ScriptedGenerator(WordTokenizer()), "m")
     lines = path.read_text().splitlines(keepends=True)
     lines[2] = "{not json\n"
     path.write_text("".join(lines))
@@ -120,10 +121,10 @@ def test_corrupt_line_is_named_and_skipped_only_when_asked(tmp_path):
 
 def test_validate_and_gzip_roundtrip(tmp_path):
     path = tmp_path / "c.jsonl"
-    C.build_corpus(_cfg(), path, ScriptedGenerator(WordTokenizer()), "m")
+    B.build_corpus(_cfg(), path, ScriptedGenerator(WordTokenizer()), "m")
     stats = C.validate_corpus(path)
     assert stats["n_emotions"] == 2 and stats["min_per_emotion"] == 6
-    gz = C.compress(path, tmp_path / "c.jsonl.gz")
+    gz = B.compress(path, tmp_path / "c.jsonl.gz")
     with gzip.open(gz, "rt") as f:
         assert f.read() == path.read_text()
     assert [r.id for r in C.load_corpus(gz)] == [r.id for r in C.load_corpus(path)]
@@ -138,13 +139,13 @@ def test_missing_corpus_file():
 def test_real_generation_two_emotions_two_topics(model, tmp_path):
     from saefeatures.models import hf_twin
 
-    cfg = C.CorpusConfig(emotions=["calm", "afraid"], stories_per_emotion=2, neutral_per_topic=0, topics=12,
+    cfg = B.CorpusConfig(emotions=["calm", "afraid"], stories_per_emotion=2, neutral_per_topic=0, topics=12,
                          recipe="paper",
                          dialogue_every=0, min_words=10,
                          generation=GenerationConfig(max_new_tokens=48, batch_size=4))
     gen = Generator(hf_twin(model), model.tokenizer, cfg.generation)
     out = tmp_path / "real.jsonl"
-    report = C.build_corpus(cfg, out, gen, "smollm2-135m-instruct")
+    report = B.build_corpus(cfg, out, gen, "smollm2-135m-instruct")
     records = list(C.read_records(out))
     assert report.generated == 4 and len(records) == 4
     assert {r.emotion for r in records} == {"calm", "afraid"}
@@ -155,5 +156,5 @@ def test_real_generation_two_emotions_two_topics(model, tmp_path):
         assert r.generation["max_new_tokens"] == 48 and r.model_id == "smollm2-135m-instruct"
     # same seed, same texts
     again = tmp_path / "again.jsonl"
-    C.build_corpus(cfg, again, gen, "smollm2-135m-instruct")
+    B.build_corpus(cfg, again, gen, "smollm2-135m-instruct")
     assert [r.text for r in C.read_records(again)] == [r.text for r in records]

@@ -55,3 +55,53 @@ def test_coarse_metrics_absent_when_not_computable():
     res = evaluate_scores(np.eye(3), ["a", "b", "c"], ["a", "b", "c"])  # not the paper's emotions
     assert res.cluster_acc is None and res.top1_display12 is None
     assert res.metrics().keys() == {"top1", "top5", "auroc"}
+
+
+def _ten_emotions(seed=0, signal=2.0, per=4):
+    names = ["happy", "sad", "afraid", "calm", "angry", "grateful", "bored", "proud", "desperate", "excited"]
+    labels = [n for n in names for _ in range(per)]
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(size=(len(labels), len(names))) + signal * np.eye(len(names))[[names.index(x) for x in labels]]
+    return scores, labels, names
+
+
+def test_confusion_matrices_cover_the_10_clusters_and_12_display_emotions():
+    from saefeatures import emotions as emo
+    from saefeatures.evals.detection import CLUSTER_NAMES
+
+    scores, labels, names = _ten_emotions()
+    res = evaluate_scores(scores, labels, names)
+    clusters, display = np.array(res.confusion_clusters["matrix"]), np.array(res.confusion_display["matrix"])
+    assert clusters.shape == (10, 10) and res.confusion_clusters["labels"] == list(CLUSTER_NAMES)
+    assert display.shape == (12, 12) and res.confusion_display["labels"] == list(emo.DISPLAY)
+    per_cluster = {c: sum(emo.get(x).cluster == c for x in labels) for c in CLUSTER_NAMES}
+    assert clusters.sum(1).tolist() == [per_cluster[c] for c in CLUSTER_NAMES]  # rows: the true cluster's records
+    assert display.sum(1).tolist() == [labels.count(d) for d in emo.DISPLAY]
+    assert np.trace(clusters) / clusters.sum() == pytest.approx(res.cluster_acc)
+    assert np.trace(display) / display.sum() == pytest.approx(res.top1_display12)
+
+
+def test_accuracy_intervals_and_label_shuffled_nulls():
+    strong = evaluate_scores(*_ten_emotions(signal=3.0))
+    for key in ("top1", "cluster_acc", "top1_display12"):
+        value = getattr(strong, key)
+        assert strong.ci[key]["lower"] <= value <= strong.ci[key]["upper"], key
+        assert strong.null[key]["percentile"] > 95 and strong.null[key]["p95"] < value, key
+    noise = evaluate_scores(*_ten_emotions(signal=0.0, per=20))
+    assert 0.05 < noise.null["top1"]["mean"] < 0.15 and 5 < noise.null["top1"]["percentile"] < 95
+    assert evaluate_scores(*_ten_emotions(signal=3.0)).ci == strong.ci  # fixed seed
+
+
+def test_own_emotion_and_neutral_read_outs():
+    import torch
+
+    from saefeatures.directions import EmotionDirections
+    from saefeatures.evals.detection import evaluate
+
+    dirs = EmotionDirections(["happy", "sad"], 0, torch.eye(2))
+    acts = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, -3.0]])  # sad's records read below neutral
+    res = evaluate(dirs, acts, ["happy", "happy", "sad", "sad"], neutral_acts=torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
+    assert res.per_emotion["happy"]["own_mean"] == 1.5 and res.per_emotion["happy"]["neutral_mean"] == 0.0
+    assert res.per_emotion["sad"]["own_mean"] == -2.0 and res.per_emotion["sad"]["neutral_mean"] == 0.5
+    assert res.n_below_neutral == 1 and res.metrics()["n_below_neutral"] == 1.0
+    assert evaluate(dirs, acts, ["happy", "happy", "sad", "sad"]).n_below_neutral is None

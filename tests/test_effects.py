@@ -34,6 +34,7 @@ def test_logit_lens_reads_each_decoder_row_through_the_unembedding(tiny_model, s
         logits = tiny_model.unembed(tiny_model.ln_final(sae.W_dec[[5]][:, None, :]))[0, 0]
     best = [tiny_model.tokenizer.decode([int(t)]) for t in logits.topk(4).indices]
     assert lens[5] == best
+    assert logit_lens(tiny_model, sae, range(16), top=4, batch=3) == logit_lens(tiny_model, sae, range(16), top=4)
 
 
 def test_emotion_token_ids_are_first_tokens_of_the_word_forms(tiny_model):

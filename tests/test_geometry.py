@@ -62,3 +62,21 @@ def test_few_emotions_never_use_the_null_pc():
     assert geo.scores.shape[1] == 3 and geo.arousal_best_pc <= 2
     nudged = EmotionDirections(names, 5, small.vectors + 1e-6 * torch.randn(small.vectors.shape))
     assert abs(analyze(nudged).arousal_best_r - geo.arousal_best_r) < 1e-3
+
+
+def test_intervals_and_shuffled_rating_nulls():
+    from saefeatures.geometry import uncertainty
+
+    dirs, _, _, _ = _planted(noise=3.0)
+    geo = analyze(dirs)
+    ci, null = uncertainty(dirs, geo)
+    for key in ("valence_r", "arousal_r"):
+        value = getattr(geo, key)
+        assert ci[key]["lower"] <= value <= ci[key]["upper"], key
+        assert null[key]["percentile"] > 99 and null[key]["p95"] < 0.3, key  # planted axes stand far above chance
+    assert uncertainty(dirs, geo) == (ci, null)  # fixed seed
+    rng = np.random.default_rng(3)
+    noise = EmotionDirections(dirs.names, 5, torch.tensor(rng.normal(size=dirs.vectors.shape), dtype=torch.float32))
+    geo = analyze(noise)
+    ci, null = uncertainty(noise, geo)
+    assert ci["valence_r"]["lower"] < 0.05 and null["valence_r"]["percentile"] < 99  # no axis: not beyond the null

@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 
 import pytest
 from conftest import SMALL_RUN_EMOTIONS as EMOTIONS
 from conftest import dtype_tolerance
+from test_findings import broken_references
 
 from saefeatures.corpus import load_corpus
 from saefeatures.directions import EmotionDirections
@@ -67,10 +69,68 @@ def test_run_writes_manifest_metrics_report_and_directions(small_run):
 def test_report_has_every_section(small_run):
     _, out, _ = small_run
     html = (out / "report.html").read_text()
-    for heading in ("Timings", "Corpus", "Layer sweep", "Emotion directions: dense vs SAE-assembled", "Feature cards",
-                    "Context probes", "Steering", "Monitor examples", "SAE quality (held-out text)", "Reader test"):
+    for heading in ("Findings", "Timings", "Corpus", "Layer sweep", "Emotion directions: dense vs SAE-assembled",
+                    "Detection: confusion matrices", "Feature cards", "Context probes", "Steering", "Monitor examples",
+                    "SAE quality (held-out text)", "Reader test", "Emotions"):
         assert f"<h2>{heading}</h2>" in html, heading
     assert "data:image/png;base64," in html and "http://" not in html.replace("http://www.w3.org", "")
+    h2 = [m.start() for m in re.finditer("<h2>", html)]
+    assert html.index("<div id='findings'") < h2[0] < html.index("</div>", html.index("<div id='findings'"))  # first
+    assert html.index("<h2>Timings</h2>") == h2[-1]  # the appendix, last
+    assert broken_references(html, out) == []
+    for emotion in EMOTIONS:
+        assert f"id='emotion-{emotion}'" in html, emotion
+    afraid = html.split("id='emotion-afraid'")[1].split("</details>")[0]
+    assert "unsteered" in afraid and "dense at" in afraid  # steered continuations beside unsteered ones
+
+
+def test_headline_numbers_carry_intervals_and_null_baselines(small_run):
+    _, out, _ = small_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    checked = []
+    for section in ("dense", "sae.k1", "sae.k4", "probes", "steering.happy", "steering.afraid"):
+        d = metrics
+        for k in section.split("."):
+            d = d[k]
+        for key, ci in d["ci"].items():
+            # a percentile interval need not hold its point estimate (bf16 can move it out), but an
+            # interval of some other quantity would sit far from it
+            width = ci["upper"] - ci["lower"]
+            assert width >= 0 and ci["n_boot"] == 1000, (section, key, ci)
+            assert ci["lower"] - width <= d[key] <= ci["upper"] + width, (section, key, ci, d[key])
+            assert 0 <= d["null"][key]["percentile"] <= 100 and d["null"][key]["p05"] <= d["null"][key]["p95"]
+            checked.append(f"{section}.{key}")
+    for key in ("dense.valence_r", "dense.arousal_r", "dense.top1", "dense.cluster_acc", "dense.top1_display12",
+                "probes.tylenol_afraid_spearman", "probes.sae_tylenol_calm_spearman_minus_control",
+                "steering.happy.projection_change_at_max_fluent"):
+        assert key in checked, key
+    assert metrics["dense"]["null"]["valence_r"]["n_null"] == 1000
+    assert metrics["probes"]["null"]["tylenol_afraid_spearman"]["n_null"] == 5040  # every order of 7 doses
+    assert isinstance(metrics["dense"]["n_below_neutral"], float)
+
+
+def test_detection_confusion_matrices(small_run):
+    from saefeatures import emotions as emo
+    from saefeatures.evals.detection import CLUSTER_NAMES
+
+    _, out, _ = small_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    for section in ("dense", "sae.k4"):
+        det = json.loads((out / "figures" / section / "detection.json").read_text())
+        clusters, display = det["confusion_clusters"], det["confusion_display"]
+        assert clusters["labels"] == list(CLUSTER_NAMES) and display["labels"] == list(emo.DISPLAY)
+        assert len(clusters["matrix"]) == 10 and all(len(r) == 10 for r in clusters["matrix"])
+        assert len(display["matrix"]) == 12 and all(len(r) == 12 for r in display["matrix"])
+        n = {e: int(d["n"]) for e, d in det["per_emotion"].items()}
+        assert [sum(r) for r in clusters["matrix"]] == [sum(v for e, v in n.items() if emo.get(e).cluster == c)
+                                                        for c in CLUSTER_NAMES]
+        assert [sum(r) for r in display["matrix"]] == [n.get(e, 0) for e in emo.DISPLAY]
+        value = metrics
+        for k in section.split("."):
+            value = value[k]
+        diagonal = sum(clusters["matrix"][i][i] for i in range(10))
+        assert diagonal / sum(n.values()) == pytest.approx(value["cluster_acc"])
+        assert all("own_mean" in d and "neutral_mean" in d for d in det["per_emotion"].values())
 
 
 def test_rerun_skips_finished_stages(small_run, model):

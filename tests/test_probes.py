@@ -61,3 +61,20 @@ def test_metric_keys_and_figure():
            "assistant_header": np.ones((3, 1)).tolist(), "control_user_turn": np.ones((3, 1)).tolist()}
     fig = tylenol_figure(res, {"doses": doses, "tylenol_p_yes": [0.2, 0.5, 0.9], "control_p_yes": [0.1] * 3})
     assert len(fig.axes) == 3 and fig.axes[2].get_ylabel() == "P(Yes)"
+
+
+def test_dose_intervals_over_phrasings_and_exact_null():
+    from saefeatures.evals.probes import dose_uncertainty
+
+    doses = [250, 500, 1000, 2000, 4000, 8000, 16000]
+    rising = np.arange(7.0)[:, None] + np.array([0.0, 0.5, -0.5, 0.2])  # every phrasing rises with the dose
+    ci, null = dose_uncertainty(doses, rising)
+    assert ci["lower"] == ci["upper"] == pytest.approx(1.0)
+    assert null["n_null"] == 5040 and null["percentile"] == pytest.approx(100 - 50 / 5040) and null["mean"] == pytest.approx(0)
+    mixed = np.stack([np.arange(7.0), -np.arange(7.0), np.arange(7.0), np.zeros(7)], axis=1)
+    ci, _ = dose_uncertainty(doses, mixed)
+    assert ci["lower"] < 0 < ci["upper"]  # phrasings disagree: the interval spans zero
+    results = {"tylenol": {"tylenol_afraid_spearman": 1.0, "ci": {"tylenol_afraid_spearman": {"lower": 0.5}}},
+               "sae_tylenol": {"null": {"tylenol_afraid_spearman": {"p95": 0.7}}}}
+    assert probe_metrics(results) == {"tylenol_afraid_spearman": 1.0, "ci": {"tylenol_afraid_spearman": {"lower": 0.5}},
+                                      "null": {"sae_tylenol_afraid_spearman": {"p95": 0.7}}}

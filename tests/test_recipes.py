@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from saefeatures import corpus as C
+from saefeatures import corpus_build as B
 from saefeatures import recipes as R
 from saefeatures.generation import GenerationConfig, Generator
 
@@ -35,12 +36,12 @@ def test_recipe_prompts_render(name):
 
 def test_unknown_recipe_is_named():
     with pytest.raises(ValueError, match="Unknown corpus recipe 'nope'.*prefill"):
-        C.plan_corpus(C.CorpusConfig(emotions=["calm"], recipe="nope"))
+        B.plan_corpus(B.CorpusConfig(emotions=["calm"], recipe="nope"))
 
 
 def test_plan_with_prefill_recipe():
-    cfg = C.CorpusConfig(emotions=["calm", "afraid"], stories_per_emotion=8, neutral_per_topic=1, recipe="prefill")
-    items = [i for b in C.plan_corpus(cfg) for i in b.items]
+    cfg = B.CorpusConfig(emotions=["calm", "afraid"], stories_per_emotion=8, neutral_per_topic=1, recipe="prefill")
+    items = [i for b in B.plan_corpus(cfg) for i in b.items]
     emo_items = [i for i in items if i.emotion != "neutral"]
     assert len(emo_items) == 16 and all(i.kind == "story" for i in emo_items)  # no dialogues
     for i in emo_items:
@@ -48,8 +49,8 @@ def test_plan_with_prefill_recipe():
         assert i.topic in i.prompt
     assert all(i.prefill == "" for i in items if i.emotion == "neutral")
     # the default stays the paper's prompt
-    assert C.CorpusConfig().recipe == "prefill"  # the default for new builds (issue 14)
-    paper = [i for b in C.plan_corpus(C.CorpusConfig(emotions=["calm"], stories_per_emotion=4, recipe="paper"))
+    assert B.CorpusConfig().recipe == "prefill"  # the default for new builds (issue 14)
+    paper = [i for b in B.plan_corpus(B.CorpusConfig(emotions=["calm"], stories_per_emotion=4, recipe="paper"))
              for i in b.items]
     assert all("Never use the word" in i.prompt and not i.prefill for i in paper if i.kind == "story")
 
@@ -106,14 +107,14 @@ def crafted_recognizer(calls):
 
 
 def _cfg(**kw):
-    return C.CorpusConfig(emotions=["calm", "afraid"], stories_per_emotion=6, neutral_per_topic=1, topics=12,
+    return B.CorpusConfig(emotions=["calm", "afraid"], stories_per_emotion=6, neutral_per_topic=1, topics=12,
                           generation=GenerationConfig(batch_size=4), recipe="prefill", recognition_rank=10, **kw)
 
 
 def test_recognition_filter_drops_and_records_ranks(tmp_path):
     out = tmp_path / "c.jsonl"
     calls = []
-    report = C.build_corpus(_cfg(), out, PrefillGenerator(WordTokenizer()), "m", recognizer=crafted_recognizer(calls))
+    report = B.build_corpus(_cfg(), out, PrefillGenerator(WordTokenizer()), "m", recognizer=crafted_recognizer(calls))
     records = list(C.read_records(out))
     emo_recs = [r for r in records if r.emotion != "neutral"]
     assert len(calls) == len(emo_recs) == 12  # neutral texts are not read
@@ -133,23 +134,23 @@ def test_recognition_filter_drops_and_records_ranks(tmp_path):
 
 def test_resumed_recipe_build_loses_and_duplicates_nothing(tmp_path):
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
-    C.build_corpus(_cfg(), full, PrefillGenerator(WordTokenizer()), "m", recognizer=crafted_recognizer([]))
+    B.build_corpus(_cfg(), full, PrefillGenerator(WordTokenizer()), "m", recognizer=crafted_recognizer([]))
     with pytest.raises(KeyboardInterrupt):
-        C.build_corpus(_cfg(), part, PrefillGenerator(WordTokenizer(), fail_after=2), "m",
+        B.build_corpus(_cfg(), part, PrefillGenerator(WordTokenizer(), fail_after=2), "m",
                        recognizer=crafted_recognizer([]))
     done_before = sum(r.emotion != "neutral" for r in C.read_records(part))
     with open(part, "a") as f:
         f.write('{"id": "afraid-0')  # torn tail of a killed append
     assert 0 < done_before < 12
     calls = []
-    C.build_corpus(_cfg(), part, PrefillGenerator(WordTokenizer()), "m", recognizer=crafted_recognizer(calls))
+    B.build_corpus(_cfg(), part, PrefillGenerator(WordTokenizer()), "m", recognizer=crafted_recognizer(calls))
     assert len(calls) == 12 - done_before  # each emotion text is read once, before its batch is written
     a = [json.loads(x) for x in full.read_text().splitlines()]
     b = [json.loads(x) for x in part.read_text().splitlines()]
     assert len({r["id"] for r in b}) == len(b)
     assert {r["id"]: (r["text"], r["dropped"], r["generation"]) for r in a} == \
         {r["id"]: (r["text"], r["dropped"], r["generation"]) for r in b}
-    again = C.build_corpus(_cfg(), part, PrefillGenerator(WordTokenizer(), fail_after=0), "m",
+    again = B.build_corpus(_cfg(), part, PrefillGenerator(WordTokenizer(), fail_after=0), "m",
                            recognizer=crafted_recognizer([]))
     assert again.generated == 0
 
@@ -211,7 +212,7 @@ def test_recognition_keep_keeps_the_best_fraction_of_each_batch(tmp_path):
 
     cfg = _cfg(recognition_keep=0.5)
     cfg.recognition_rank = 0
-    C.build_corpus(cfg, out, PrefillGenerator(WordTokenizer()), "m", recognizer=recognize)
+    B.build_corpus(cfg, out, PrefillGenerator(WordTokenizer()), "m", recognizer=recognize)
     records = [r for r in C.read_records(out) if r.emotion != "neutral"]
     for batch in {r.batch for r in records}:
         rs = [r for r in records if r.batch == batch]

@@ -331,10 +331,10 @@ def test_spec_round_trip_and_config(tmp_path):
 def test_cli_steer_prints_steered_and_unsteered_replies(model, dirs, tmp_path, monkeypatch, capsys):
     import json
 
-    import saefeatures.study.cli
+    from saefeatures.study import commands
     from saefeatures.study.cli import main
 
-    monkeypatch.setattr(saefeatures.study.cli, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(commands, "load_model", lambda *a, **k: model)
     dirs.save(tmp_path / "dirs")
     main(["steer", "--directions", str(tmp_path / "dirs"), "--emotion", "happy=0.3", "--positions", "generated",
           "--prompt", "Tell me about your day.", "--max-new-tokens", "6"])

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from saefeatures.directions import EmotionDirections
+from saefeatures.distributed import World
 from saefeatures.evals.activities import ACTIVITIES
 from saefeatures.evals.dose_response import Curve, CurvePoint, score_continuations
 from saefeatures.evals.judge import judge, repetition_rate
@@ -89,6 +90,20 @@ def test_curve_metrics_spearman_and_fluency_limit():
     assert m["judge_valence_spearman_fluent"] == pytest.approx(1.0)
     assert m["valence_change_at_max_fluent"] == pytest.approx(0.9)
     assert m["projection_spearman"] == pytest.approx(1.0)
+    assert "ci" not in m and "null" not in m  # no continuations kept: no interval
+
+
+def test_curve_intervals_from_the_kept_continuations():
+    base = ["A plain grey day at the office.", "The bus came and went.", "It was a normal day.", "The room was dim."]
+    happy = ["A wonderful happy day with friends and love!", "Joy and laughter, a lovely gift.",
+             "We celebrated with delight and cheer.", "Such a beautiful, happy morning."]
+    points = [CurvePoint(0.0, 0.0, None, None, 0, 10.0, 1.0, 0.0, base[0], base, [0.1, -0.2, 0.0, 0.1]),
+              CurvePoint(0.2, 1.025, None, None, 0, 12.0, 1.2, 0.0, happy[0], happy, [1.1, 0.9, 1.3, 0.8])]
+    m = Curve("happy", "dense", points).metrics(2.0)
+    for key in ("valence_change_at_max_fluent", "projection_change_at_max_fluent"):
+        assert m["ci"][key]["lower"] > 0 and m["null"][key]["percentile"] > 95, key
+    assert m["projection_change_at_max_fluent"] == pytest.approx(1.025 - 0.0)
+    assert m["ci"]["projection_change_at_max_fluent"]["lower"] <= 1.025 <= m["ci"]["projection_change_at_max_fluent"]["upper"]
 
 
 # ---------------------------------------------------------------- preference and pressure inputs
@@ -161,7 +176,7 @@ def test_stage_steering_records_metrics_plots_and_reuses(model, happy_dirs, tmp_
     cfg.steering = SteeringConfig(emotions=["happy", "proud"], strengths=[0.0, 0.2, 0.4],
                                   methods=["dense", "sae_clamp"], prompts=NEUTRAL_PROMPTS[:2], max_new_tokens=8,
                                   preference_activities=8, preference_pairs=2)
-    study = SimpleNamespace(cfg=cfg, run=RunDir.open(tmp_path / "run"), model=model, records=[])
+    study = SimpleNamespace(cfg=cfg, run=RunDir.open(tmp_path / "run"), model=model, records=[], world=World())
     result = stage_steering(study, {"dense": happy_dirs}, make_sae())
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["steering"]
     happy = metrics["happy"]
@@ -227,6 +242,6 @@ def test_disabled_steering_drops_an_earlier_runs_section(tmp_path):
     (tmp_path / "run" / "figures" / "steering").mkdir(parents=True)
     cfg = RunConfig()
     cfg.steering.enabled = False
-    assert stage_steering(SimpleNamespace(cfg=cfg, run=run, model=None, records=[]), {}) is None
+    assert stage_steering(SimpleNamespace(cfg=cfg, run=run, model=None, records=[], world=World()), {}) is None
     assert "steering" not in json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert not (tmp_path / "run" / "figures" / "steering").exists()

@@ -2,7 +2,8 @@
 neutral prompts (one batch carries a whole curve) measured by (a) the projection of their
 activations, under the unsteered model, on the emotion's direction; (b) the judge (Warriner
 valence and arousal of the words); (c) fluency: perplexity under the unsteered model and a
-repetition rate.
+repetition rate. The change of (a) and (b) from strength 0 to the strongest fluent strength has a
+bootstrap interval and a permutation null (`Curve.uncertainty`); every continuation is kept.
 
 Methods compared on the same strength axis (a fraction of the mean residual norm): ``dense``
 (add the dense direction), ``sae`` (add the SAE-assembled direction) and ``sae_clamp`` (clamp the
@@ -20,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,8 +29,10 @@ import torch
 
 from .. import emotions as emo
 from ..directions import EmotionDirections
+from ..distributed import World
 from ..hf_hooks import tl_named_hooks
 from ..models import hf_twin
+from ..stats import group_difference
 from ..steering import Generation, Steering, SteeringError, SteeringSpec, generate_steered_full
 from .judge import judge, repetition_rate, spearman
 from .steering import SteeringConfig
@@ -129,6 +132,10 @@ class CurvePoint:
     """Mean fraction of repeated word trigrams."""
     sample: str
     """The first continuation, for reading."""
+    texts: list[str] = field(default_factory=list)
+    """Every continuation, in prompt order (the same order at every strength)."""
+    projections: list[float] = field(default_factory=list)
+    """Each continuation's projection on the emotion's direction."""
 
 
 @dataclass
@@ -140,7 +147,11 @@ class Curve:
     points: list[CurvePoint]
     note: str = ""
 
-    def metrics(self, ppl_limit: float = 2.0) -> dict[str, float | None]:
+    @classmethod
+    def from_dict(cls, c: dict[str, Any]) -> "Curve":
+        return cls(c["emotion"], c["method"], [CurvePoint(**p) for p in c["points"]], c.get("note", ""))
+
+    def metrics(self, ppl_limit: float = 2.0) -> dict[str, Any]:
         s = [p.strength for p in self.points]
         fluent = [p for p in self.points if p.ppl_ratio < ppl_limit]
         broken = [p.strength for p in self.points if p.ppl_ratio >= ppl_limit]
@@ -160,7 +171,30 @@ class Curve:
             "max_strength_ppl_ratio_under_2": max(fl) if fl else None,
             "fluency_break_strength": min(broken) if broken else None,
             "valence_change_at_max_fluent": (_delta(self.points, max(fl), "valence") if fl else None),
+            "projection_change_at_max_fluent": (_delta(self.points, max(fl), "projection") if fl else None),
+            **(self.uncertainty(max(fl)) if fl else {}),
         }
+
+    def uncertainty(self, strength: float) -> dict[str, dict]:
+        """``ci`` and ``null`` of the valence and projection change from strength 0 to ``strength``:
+        continuations resampled within each strength; strength labels shuffled between the two.
+        The valence change weighs each continuation by its rated words, as the point's mean does."""
+        base, top = self.points[0], next(p for p in self.points if p.strength == strength)
+        ci, null = {}, {}
+        if base.texts and top.texts:
+            (va, na), (vb, nb) = (_per_text_valence(p.texts) for p in (base, top))
+            _, ci["valence_change_at_max_fluent"], null["valence_change_at_max_fluent"] = group_difference(va, vb, na, nb)
+        if base.projections and top.projections:
+            _, ci["projection_change_at_max_fluent"], null["projection_change_at_max_fluent"] = group_difference(
+                np.array(base.projections), np.array(top.projections))
+        out = {"ci": {k: v for k, v in ci.items() if v}, "null": {k: v for k, v in null.items() if v}}
+        return {k: v for k, v in out.items() if v}
+
+
+def _per_text_valence(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Each text's mean Warriner valence (0 where none is rated) and its count of rated words."""
+    judged = [judge([t]) for t in texts]
+    return np.array([v or 0.0 for v, _, _ in judged]), np.array([n for _, _, n in judged], dtype=float)
 
 
 def _delta(points: list[CurvePoint], strength: float, attr: str) -> float | None:
@@ -207,15 +241,18 @@ def dose_response(
     cfg: SteeringConfig,
     reader: EmotionDirections,
     norm: float,
+    world: World = World(),
 ) -> list[Curve]:
-    """Curves of every (emotion, method) in the config; one baseline generation is shared."""
+    """Curves of every (emotion, method) in the config; one baseline generation is shared. Under
+    `torchrun` (``world``) each rank generates every size-th (emotion, method) cell (and the shared
+    baseline) and every rank gets all the curves, in the config's order."""
     strengths = check_strengths(cfg.strengths)
     prompts = [p for p in cfg.prompts for _ in range(cfg.samples_per_prompt)]
     gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
                       repetition_penalty=cfg.repetition_penalty, batch_size=cfg.batch_size, backend="hf")
     t0 = time.perf_counter()
     base = generate_steered_full(model, None, prompts, **gen_kwargs)
-    groups: list[tuple[str, str, str, list[Generation]]] = []
+    cells = []
     for emotion in cfg.emotions:
         for method in cfg.methods:
             if method.endswith("_clamp") and sae is None:
@@ -225,15 +262,18 @@ def dose_response(
             if emotion not in dirs.names:
                 log.warning("steering: '%s' is not in the %s directions; skipped", emotion, method)
                 continue
-            rows = [Steering.from_spec(SteeringSpec(emotions={emotion: s}, method=kind, op=cfg.clamp_op,
-                                                    positions=cfg.positions, clamp_latents=cfg.clamp_latents),
-                                       model, directions=dirs, sae=sae if kind == "clamp" else None, norm=norm)
-                    for s in strengths[1:]]
-            stacked = Steering.stack(rows, repeat=len(prompts))
-            gens = generate_steered_full(model, stacked, prompts * len(rows), **gen_kwargs)
-            groups.append((emotion, method, note, gens))
-            log.info("steering: generated %s / %s (%d continuations, %.0f s so far)", emotion, method,
-                     len(gens), time.perf_counter() - t0)
+            cells.append((emotion, method, dirs, kind, note))
+    groups: list[tuple[str, str, str, list[Generation]]] = []
+    for emotion, method, dirs, kind, note in world.mine(cells):
+        rows = [Steering.from_spec(SteeringSpec(emotions={emotion: s}, method=kind, op=cfg.clamp_op,
+                                                positions=cfg.positions, clamp_latents=cfg.clamp_latents),
+                                   model, directions=dirs, sae=sae if kind == "clamp" else None, norm=norm)
+                for s in strengths[1:]]
+        stacked = Steering.stack(rows, repeat=len(prompts))
+        gens = generate_steered_full(model, stacked, prompts * len(rows), **gen_kwargs)
+        groups.append((emotion, method, note, gens))
+        log.info("steering: generated %s / %s (%d continuations, %.0f s so far)", emotion, method,
+                 len(gens), time.perf_counter() - t0)
     everything = base + [g for *_, gens in groups for g in gens]
     pooled, nll, count = score_continuations(model, everything, reader.hook)
     proj_all = reader.project(pooled)  # n, n_emotions
@@ -246,7 +286,8 @@ def dose_response(
         col = reader.index(emotion) if emotion in reader.names else None
         proj = float(proj_all[sl, col].mean()) if col is not None else None
         return CurvePoint(strength, proj, v, a, n_words, ppl, ppl / base_ppl if base_ppl else 1.0,
-                          float(np.mean([repetition_rate(g.text) for g in gens])), gens[0].text)
+                          float(np.mean([repetition_rate(g.text) for g in gens])), gens[0].text,
+                          [g.text for g in gens], proj_all[sl, col].tolist() if col is not None else [])
 
     curves = []
     offset = len(base)
@@ -258,7 +299,11 @@ def dose_response(
             points.append(point(s, sl, emotion, p0.perplexity))
         offset += len(gens)
         curves.append(Curve(emotion, method, points, note))
-    return curves
+    if world.size == 1:
+        return curves
+    by_cell = {(c["emotion"], c["method"]): c for part in world.sync("steering", payload=[asdict(c) for c in curves])
+               for c in part}
+    return [Curve.from_dict(by_cell[emotion, method]) for emotion, method, *_ in cells]
 
 
 MEASURES = (("projection", "projection on direction"), ("valence", "judge valence (Warriner)"),

@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 
 from ..directions import EmotionDirections
 from ..models import chat_prompt, hf_twin
 from ..monitor import Trace, trace_chat, trace_chat_sets
+from ..stats import bootstrap, null_summary, permutations
 
 DOSES = (250, 500, 1000, 2000, 4000, 8000, 16000)
 TYLENOL_TEMPLATES = (
@@ -99,12 +100,36 @@ def tylenol_sets(model, dir_sets: Sequence[EmotionDirections], cfg: ProbeConfig 
         u, h, c = user[s].mean(1), header[s].mean(1), control[s].mean(1)
         out: dict[str, Any] = {"doses": list(cfg.doses), "emotions": ns, "user_turn": u.tolist(),
                                "assistant_header": h.tolist(), "control_user_turn": c.tolist()}
+        out["ci"], out["null"] = {}, {}
         for k, n in enumerate(ns):
             out[f"tylenol_{n}_spearman"] = float(spearmanr(cfg.doses, u[:, k])[0])
             out[f"tylenol_{n}_spearman_assistant_header"] = float(spearmanr(cfg.doses, h[:, k])[0])
             out[f"tylenol_{n}_spearman_minus_control"] = float(spearmanr(cfg.doses, (u - c)[:, k])[0])
+            for key, per_template in ((f"tylenol_{n}_spearman", user[s][..., k]),
+                                      (f"tylenol_{n}_spearman_minus_control", (user[s] - control[s])[..., k])):
+                ci, null = dose_uncertainty(cfg.doses, per_template)
+                out["ci"].update({key: ci} if ci else {})
+                out["null"].update({key: null} if null else {})
         results.append(out)
     return results
+
+
+def dose_uncertainty(doses: Sequence[float], per_template: np.ndarray) -> tuple[dict | None, dict | None]:
+    """Spearman of dose vs the read-out averaged over phrasings (``per_template``: doses x
+    phrasings): its bootstrap interval over the phrasings, and its exact permutation null (every
+    order of the doses)."""
+    def rho(idx: np.ndarray) -> float:
+        y = per_template[:, idx].mean(1)
+        return float(spearmanr(doses, y)[0]) if np.ptp(y) > 0 else float("nan")
+
+    ci = bootstrap(rho, per_template.shape[1])
+    ranks = rankdata(per_template.mean(1))
+    ranks -= ranks.mean()
+    dose_ranks = rankdata(doses)[np.array(list(permutations(len(doses))))]  # the dose ranks in every order
+    dose_ranks -= dose_ranks.mean(1, keepdims=True)
+    scale = np.linalg.norm(dose_ranks, axis=1) * np.linalg.norm(ranks)
+    null = dose_ranks @ ranks / scale if np.ptp(ranks) > 0 else np.array([])  # Spearman = Pearson of ranks
+    return ci, null_summary(rho(np.arange(per_template.shape[1])), null)
 
 
 @torch.inference_mode()
@@ -174,12 +199,18 @@ def run_probes(model, dirs: EmotionDirections, cfg: ProbeConfig = ProbeConfig(),
     return out
 
 
-def probe_metrics(results: dict[str, Any]) -> dict[str, float]:
+def probe_metrics(results: dict[str, Any]) -> dict[str, Any]:
     """metrics.json ``probes.*`` entries: every float of the probe results, flattened; the Tylenol
-    keys already name their probe, so 'sae_tylenol' entries become 'sae_tylenol_*'."""
-    out = {}
+    keys already name their probe, so 'sae_tylenol' entries become 'sae_tylenol_*'. Intervals and
+    nulls go under ``ci.<key>`` and ``null.<key>``."""
+    out: dict[str, Any] = {}
     for probe, res in results.items():
+        def name(k: str) -> str:
+            return probe.removesuffix("tylenol") + k if probe.endswith("tylenol") else f"{probe}_{k}"
+
         for k, v in res.items():
             if isinstance(v, float):
-                out[probe.removesuffix("tylenol") + k if probe.endswith("tylenol") else f"{probe}_{k}"] = v
+                out[name(k)] = v
+            elif k in ("ci", "null"):
+                out.setdefault(k, {}).update({name(key): d for key, d in v.items()})
     return out

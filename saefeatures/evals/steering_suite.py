@@ -15,15 +15,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..directions import EmotionDirections
+from ..distributed import World
 from ..files import read_json, write_json
 from ..steering import SteeringError, residual_norm
 from .activities import ACTIVITIES
-from .dose_response import Curve, CurvePoint, dose_response
+from .dose_response import Curve, dose_response
 from .preference import PreferenceResult, preference_eval, spread
 from .pressure import PressureResult, pressure_probe
 from .steering import SteeringConfig
@@ -46,6 +47,8 @@ class SteeringResult:
     ppl_limit: float = 2.0
     primary: str = "dense"
     """The method whose numbers go to steering.<emotion>.* (the others under steering.<emotion>.<method>.*)."""
+    prompts: list[str] = field(default_factory=list)
+    """The prompt of each continuation at a strength (`CurvePoint.texts` follow this order)."""
 
     def metrics(self) -> dict[str, Any]:
         """The ``steering`` section of metrics.json."""
@@ -67,11 +70,11 @@ class SteeringResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SteeringResult":
-        curves = [Curve(c["emotion"], c["method"], [CurvePoint(**p) for p in c["points"]], c.get("note", ""))
-                  for c in d["curves"]]
+        curves = [Curve.from_dict(c) for c in d["curves"]]
         pref = PreferenceResult(**d["preference"]) if d.get("preference") else None
         pres = PressureResult(**d["pressure"]) if d.get("pressure") else None
-        return cls(curves, pref, pres, d["norm"], d["hook"], d.get("ppl_limit", 2.0), d.get("primary", "dense"))
+        return cls(curves, pref, pres, d["norm"], d["hook"], d.get("ppl_limit", 2.0), d.get("primary", "dense"),
+                   d.get("prompts", []))
 
     def save(self, path: Path | str) -> Path:
         path = Path(path)
@@ -90,8 +93,11 @@ def run_steering_evals(
     sae: Any,
     cfg: SteeringConfig,
     norm_texts: Sequence[str] | None = None,
+    world: World = World(),
 ) -> SteeringResult:
-    """Dose-response curves, the preference evaluation and the pressure probe.
+    """Dose-response curves, the preference evaluation and the pressure probe. Under `torchrun`
+    (``world``) the dose-response cells are spread over the ranks; rank 0 alone runs the preference
+    evaluation and the pressure probe, and the other ranks get the curves only.
 
     The dense directions (else the first recipe given) read the continuations and steer the
     preference evaluation; every method in ``cfg.methods`` gets its own curves.
@@ -104,8 +110,11 @@ def run_steering_evals(
     reader = dirs_by_recipe.get("dense") or next(iter(dirs_by_recipe.values()))
     norm = residual_norm(model, reader.hook, norm_texts)
     t0 = time.perf_counter()
-    curves = dose_response(model, dirs_by_recipe, sae, cfg, reader, norm)
+    curves = dose_response(model, dirs_by_recipe, sae, cfg, reader, norm, world)
     log.info("steering: dose-response done in %.0f s", time.perf_counter() - t0)
+    primary = cfg.methods[0] if cfg.methods else "dense"
+    if not world.leader:
+        return SteeringResult(curves, None, None, norm, reader.hook, cfg.ppl_limit, primary)
     pref = None
     if cfg.preference:
         missing = [e for e in (cfg.preference_positive, cfg.preference_negative) if e not in reader.names]
@@ -120,5 +129,5 @@ def run_steering_evals(
             pres = pressure_probe(model, reader)
         else:
             log.warning("steering: pressure probe skipped, no 'desperate' or 'calm' direction")
-    primary = cfg.methods[0] if cfg.methods else "dense"
-    return SteeringResult(curves, pref, pres, norm, reader.hook, cfg.ppl_limit, primary)
+    return SteeringResult(curves, pref, pres, norm, reader.hook, cfg.ppl_limit, primary,
+                          [p for p in cfg.prompts for _ in range(cfg.samples_per_prompt)])

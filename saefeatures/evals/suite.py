@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..directions import EmotionDirections
-from ..geometry import Geometry, analyze
+from ..geometry import Geometry, analyze, uncertainty
 from .detection import DetectionResult, evaluate
 from .emobank import axis_spearman
 
@@ -44,6 +44,8 @@ class EvalData:
     emobank_acts: torch.Tensor | None = None
     emobank_valence: np.ndarray | None = None
     emobank_arousal: np.ndarray | None = None
+    neutral_acts: torch.Tensor | None = None
+    """Neutral texts of the same split: the level each direction's own emotion must read above."""
 
 
 @dataclass
@@ -52,12 +54,18 @@ class DirectionReport:
     geometry: Geometry
     detection: DetectionResult
     extra: dict[str, Any] = field(default_factory=dict)
+    ci: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Bootstrap intervals of valence_r, arousal_r, top1, cluster_acc, top1_display12 (`saefeatures.stats`)."""
+    null: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Their null baselines: shuffled human ratings (geometry), shuffled labels (detection)."""
 
 
-def evaluate_directions(dirs: EmotionDirections, data: EvalData) -> DirectionReport:
-    """Geometry vs human norms, detection on the held-out split, and EmoBank Spearman."""
+def evaluate_directions(dirs: EmotionDirections, data: EvalData, uncertain: bool = False) -> DirectionReport:
+    """Geometry vs human norms, detection on the held-out split, and EmoBank Spearman; with
+    ``uncertain``, the geometry's bootstrap intervals and nulls too (the detection's are cheap and
+    always there)."""
     geo = analyze(dirs)
-    det = evaluate(dirs, data.test_acts, data.test_labels)
+    det = evaluate(dirs, data.test_acts, data.test_labels, data.neutral_acts)
     metrics = {**geo.metrics(), **det.metrics()}
     if data.emobank_acts is not None:
         v_axis = torch.as_tensor(geo.valence_axis, dtype=torch.float32)
@@ -68,4 +76,6 @@ def evaluate_directions(dirs: EmotionDirections, data: EvalData) -> DirectionRep
             contrast = dirs.vector("happy") - dirs.vector("sad")
             metrics["emobank_happy_sad_spearman"] = axis_spearman(
                 data.emobank_acts, contrast, data.emobank_valence, dirs.center)
-    return DirectionReport({k: float(v) for k, v in metrics.items()}, geo, det)
+    ci, null = uncertainty(dirs, geo) if uncertain else ({}, {})
+    return DirectionReport({k: float(v) for k, v in metrics.items()}, geo, det, ci={**ci, **det.ci},
+                           null={**null, **det.null})

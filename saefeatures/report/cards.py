@@ -7,9 +7,11 @@ Example:
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Sequence
 
-from ..feature_cards import FeatureCard, Snippet
+from ..feature_cards import FeatureCard
+from ..latents import Snippet
 
 
 def snippet_html(s: Snippet) -> str:
@@ -20,12 +22,18 @@ def snippet_html(s: Snippet) -> str:
     return f"<div class='snip'><b>{html.escape(s.emotion)}</b> <small>{html.escape(s.record_id)}</small>: {spans}</div>"
 
 
+def card_id(latent: int, emotion: str) -> str:
+    """The HTML id of a latent's card for one emotion (the latent browser links to it)."""
+    return f"card-{latent}-{re.sub(r'[^a-z0-9]+', '-', emotion.lower())}"
+
+
 def card_html(card: FeatureCard) -> str:
     sc = " ".join(f"{k}={v:.3g}" for k, v in card.scores.items())
     tops = ", ".join(f"{n} ({v:.2f})" for n, v in card.top_emotions)
     lens = " ".join(f"<code>{html.escape(t)}</code>" for t in card.logit_lens)
     snips = "".join(snippet_html(s) for s in card.snippets)
-    return (f"<div class='card'><h4>latent {card.latent} &middot; {html.escape(card.emotion)} "
+    return (f"<div class='card' id='{card_id(card.latent, card.emotion)}'>"
+            f"<h4>latent {card.latent} &middot; {html.escape(card.emotion)} "
             f"(weight {card.weight:.2f})</h4><p>{sc}</p><p>highest mean on: {tops}</p>"
             f"<p>logit lens: {lens}</p>{snips}</div>")
 

@@ -1,4 +1,5 @@
-"""Figures of the steering evaluations: dose-response curves, preference shifts, the pressure probe.
+"""Figures of the steering evaluations (dose-response curves, preference shifts, the pressure probe),
+and steered continuations beside the unsteered ones for reading.
 
 Example:
     >>> save_steering_plots(result, "runs/x/figures/steering")
@@ -6,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +92,27 @@ def save_steering_plots(result: SteeringResult, out_dir: Path | str) -> dict[str
         plt.close(fig)
         paths[name] = str(path)
     return paths
+
+
+def samples_html(result: SteeringResult, emotion: str, n: int = 4) -> str:
+    """A table of the first ``n`` continuations of ``emotion``'s curves: each prompt, the unsteered
+    continuation, and the continuation under each method at its strongest fluent strength (else its
+    strongest), row by row. Empty when no texts were kept."""
+    curves = [c for c in result.curves if c.emotion == emotion and c.points and c.points[0].texts]
+    if not curves:
+        return ""
+    columns = []
+    for c in curves:
+        fluent = [p for p in c.points[1:] if p.ppl_ratio < result.ppl_limit]
+        top = (fluent or c.points[1:] or c.points)[-1]
+        columns.append((f"{c.method} at {top.strength:g} x norm (ppl x{top.ppl_ratio:.2f})", top.texts))
+    base = curves[0].points[0].texts
+    head = "".join(f"<th>{html.escape(t)}</th>" for t in ["prompt", "unsteered", *(name for name, _ in columns)])
+    rows = []
+    for i in range(min(n, len(base))):
+        prompt = result.prompts[i] if i < len(result.prompts) else ""
+        cells = [prompt, base[i], *(texts[i] if i < len(texts) else "" for _, texts in columns)]
+        rows.append("<tr>" + "".join(f"<td style='text-align:left;vertical-align:top'>{html.escape(t)}</td>"
+                                     for t in cells) + "</tr>")
+    return (f"<p class='note'>Steered toward '{html.escape(emotion)}' vs unsteered, the same prompt per row.</p>"
+            f"<div style='overflow-x:auto'><table><tr>{head}</tr>{''.join(rows)}</table></div>")

@@ -27,12 +27,16 @@ from ..neutral import EFFECT_PROMPTS
 
 
 @torch.inference_mode()
-def logit_lens(model, sae, latents: Sequence[int], top: int = 10) -> dict[int, list[str]]:
-    """Top tokens each latent's decoder vector promotes, read through the final norm and unembedding."""
-    W = sae.W_dec[list(latents)].detach().to(model.cfg.device, model.cfg.dtype)
-    logits = model.unembed(model.ln_final(W[:, None, :]))[:, 0]
-    ids = logits.topk(top, dim=-1).indices
-    return {int(i): [model.tokenizer.decode([int(t)]) for t in row] for i, row in zip(latents, ids)}
+def logit_lens(model, sae, latents: Sequence[int], top: int = 10, batch: int = 256) -> dict[int, list[str]]:
+    """Top tokens each latent's decoder vector promotes, read through the final norm and unembedding
+    (``batch`` latents at a time: each holds a vocabulary-sized row of logits)."""
+    latents = [int(i) for i in latents]
+    ids = []
+    for start in range(0, len(latents), batch):
+        W = sae.W_dec[latents[start : start + batch]].detach().to(model.cfg.device, model.cfg.dtype)
+        ids += model.unembed(model.ln_final(W[:, None, :]))[:, 0].topk(top, dim=-1).indices.tolist()
+    text = {t: model.tokenizer.decode([t]) for t in {t for row in ids for t in row}}
+    return {i: [text[t] for t in row] for i, row in zip(latents, ids)}
 
 
 def emotion_token_ids(tokenizer, name: str) -> list[int]:

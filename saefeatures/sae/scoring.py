@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .. import emotions as emo
 from ..activations import ActivationConfig, PooledStore, forward_hooks, iter_batches, pool_batch
+from ..distributed import World
 from ..dtype_copies import with_dtype
 from ..files import load_safetensors, read_json, save_safetensors, write_json
 
@@ -273,6 +274,29 @@ class ScoreAccumulator:
             at = (pos[row, idx][:, None] + self.offsets).clamp(0, lat.shape[1] - 1)
             acc["max_window"][c, idx] = raw[row, at, idx[:, None]]
 
+    def merge(self, world: World, order: Tensor, stage: str = "scoring") -> None:
+        """Combine in place the accumulators of every rank (each read its share of the batches): sums,
+        counts and histograms all-reduced; each (class, latent) maximum, with its record, position and
+        window, from the rank whose record came first in ``order`` (the records' places in the batch
+        sequence) among equal maxima: what one process reading every batch in order keeps."""
+        if world.size == 1:
+            return
+        acc = self.acc
+        world.sync(stage)
+        for k in ("count", "sum", "sumsq", "hist", "fire", "tokens"):
+            world.all_reduce(acc[k], stage)
+        best = world.all_reduce(acc["max"].clone(), stage, "max")
+        last = torch.iinfo(torch.long).max
+        held = (acc["max"] == best) & (acc["max_record"] >= 0)
+        mine = torch.where(held, order[acc["max_record"].clamp(min=0)], last)
+        first = world.all_reduce(mine.clone(), stage, "min")
+        own = held & (mine == first)
+        for k in ("max_record", "max_pos", "max_window"):
+            keep = own if k != "max_window" else own[..., None]
+            acc[k] = world.all_reduce(torch.where(keep, acc[k], torch.zeros_like(acc[k])), stage)
+        acc["max_record"][first == last] = -1
+        acc["max"] = best
+
     def finish(self) -> LatentScores:
         acc = dict(self.acc)
         acc["hist"] = acc["hist"].view(self.shape)
@@ -292,7 +316,7 @@ def score_classes(records: Sequence) -> list[str]:
 @torch.inference_mode()
 def score_latents(model, sae, records: Sequence, cfg: ScoringConfig = ScoringConfig(),
                   pooling: ActivationConfig | None = None, desc: str = "scoring", pooled: PooledStore | None = None,
-                  scale_records: Sequence | None = None) -> LatentScores:
+                  scale_records: Sequence | None = None, world: World = World()) -> LatentScores:
     """One pass over ``records`` (``.id``, ``.text``, ``.emotion``) accumulating per-class latent statistics.
 
     Records are truncated, batched, pooled and run in the dtype of ``pooling`` (default
@@ -302,6 +326,10 @@ def score_latents(model, sae, records: Sequence, cfg: ScoringConfig = ScoringCon
     model over these records again. ``scale_records`` set each latent's histogram scale (default:
     ``cfg.warmup_records`` records spread over ``records``); `saefeatures run` passes the
     evaluation split, whose activations it pools anyway, so the warm-up costs no extra pass.
+
+    Under `torchrun` (``world``) each rank reads every size-th batch of the same batch sequence and
+    the statistics are combined exactly (`ScoreAccumulator.merge`): the scores do not depend on
+    the number of ranks; each rank stores its records' pooled rows in ``pooled``'s directory.
     """
     hook = sae.cfg.metadata.hook_name
     classes = score_classes(records)
@@ -329,13 +357,17 @@ def score_latents(model, sae, records: Sequence, cfg: ScoringConfig = ScoringCon
     if scale_records is None:
         scale_records = records[:: max(1, len(records) // cfg.warmup_records)]
     scale = torch.zeros(sae.cfg.d_sae)
-    for batch, lat in latents(batches_of(scale_records)):
+    for batch, lat in latents(world.mine(batches_of(scale_records))):
         scale = torch.maximum(scale, pool_batch(lat, batch.content_mask(pooling.skip_first)).max(0).values)
-    acc = ScoreAccumulator(classes, scale, hook, [r.id for r in records], cfg, pooling)
+    world.sync(desc)
+    acc = ScoreAccumulator(classes, world.all_reduce(scale, desc, "max"), hook, [r.id for r in records], cfg, pooling)
     batches = batches_of(records)
-    for batch, lat in tqdm(latents(batches), desc=desc, unit="batch", total=len(batches), disable=len(records) < 64):
+    order = torch.tensor([rec_index[i] for b in batches for i in b.ids]).argsort()  # record -> place in the sequence
+    mine = world.mine(batches)
+    for batch, lat in tqdm(latents(mine), desc=desc, unit="batch", total=len(mine), disable=len(records) < 64):
         acc.update(lat, batch.content_mask(pooling.skip_first), torch.tensor([label[i] for i in batch.ids]),
                    torch.tensor([rec_index[i] for i in batch.ids]))
     if pooled is not None:
         pooled.flush()
+    acc.merge(world, order, desc)
     return acc.finish()

@@ -9,11 +9,11 @@ with them, load once the arguments have parsed, so ``--help`` and argument error
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, one_line
+from .browse import add_parsers as add_browse_parsers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run", help="run directory")
     rp.add_argument("--out", help="HTML file to write instead of RUN/report.html")
     rp.set_defaults(command_fn="cmd_report", precheck=_run_exists)
+    add_browse_parsers(sub, common)  # latents, latent: read-only views of a finished run
     return p
 
 
@@ -203,14 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     """Run one subcommand; bad input (`UserError`, a missing or unreadable file) prints one line
     and exits 2, any other failure one line and exits 1; ``--debug`` re-raises with the traceback."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if getattr(args, "precheck", None):
             args.precheck(args)
         from . import commands  # torch and the library: only now that the arguments are good
 
-        getattr(commands, args.command_fn)(args)
+        commands.run(args)
     except KeyboardInterrupt:
         if args.debug:
             raise
@@ -219,21 +218,14 @@ def main(argv: list[str] | None = None) -> None:
     except (UserError, OSError) as e:
         if args.debug:
             raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback with --debug
         if args.debug:
             raise
-        print(f"error: {type(e).__name__}: {_one_line(e)} (unexpected; rerun with --debug for the traceback)",
+        print(f"error: {type(e).__name__}: {one_line(e)} (unexpected; rerun with --debug for the traceback)",
               file=sys.stderr)
         raise SystemExit(1) from None
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
-        text = f"{e.filename}: {text}"
-    return text
 
 
 if __name__ == "__main__":

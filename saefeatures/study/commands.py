@@ -10,15 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 from ..audit import audit_corpus
-from ..corpus import (DEFAULT_CORPUS, build_corpus, compress, corpus_stats, done_batches, lexicon_valence_check,
-                      load_corpus, read_records, validate_corpus)
+from ..corpus import DEFAULT_CORPUS, corpus_stats, lexicon_valence_check, load_corpus, read_records, validate_corpus
+from ..corpus_build import build_corpus, compress, done_batches
 from ..corpus_import import import_corpus
 from ..directions import EmotionDirections
-from ..errors import UserError
+from ..distributed import RankFailure, joined, rank_tag
+from ..errors import UserError, one_line
 from ..files import write_text
 from ..generation import Generator
 from ..geometry import analyze
@@ -40,6 +42,19 @@ from .sae_stages import evaluate_run_sae, stage_sae, stage_sae_directions, stage
 from .stages import eval_data, report_directions, stage_activations, stage_dense, stage_emobank
 
 log = logging.getLogger("saefeatures")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Configure logging (rank-tagged under torchrun) and run the subcommand ``args`` names;
+    another rank's failure (or lost contact) is one line and exit status 1."""
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format=f"%(asctime)s {rank_tag()}%(levelname)s %(name)s: %(message)s")
+    command = getattr(args, "func", None) or globals()[args.command_fn]
+    try:
+        command(args)
+    except RankFailure as e:
+        print(f"error: {rank_tag()}{one_line(e)}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _config(path: str | None) -> RunConfig:
@@ -64,10 +79,13 @@ def cmd_corpus_build(args: argparse.Namespace) -> None:
     check_values(cfg)
     check_model(cfg)
     done_batches(Path(args.out), args.skip_corrupt)  # a corrupt build file to resume fails here, not after loading
-    hf, tokenizer, identity = load_hf(cfg.model.name, dtype=resolve_dtype(build.generation.dtype, cfg.model.device),
-                                      device=cfg.model.device)
-    report = build_corpus(build, args.out, Generator(hf, tokenizer, build.generation), identity.name,
-                          skip_corrupt=args.skip_corrupt)
+    with joined() as world:  # under torchrun the ranks share the batches
+        hf, tokenizer, identity = load_hf(cfg.model.name, dtype=resolve_dtype(build.generation.dtype, cfg.model.device),
+                                          device=cfg.model.device)
+        report = build_corpus(build, args.out, Generator(hf, tokenizer, build.generation), identity.name,
+                              skip_corrupt=args.skip_corrupt, world=world)
+    if not world.leader:
+        return
     records = list(read_records(args.out))
     kept = [r for r in records if r.dropped is None]
     summary = {"this_run": {"generated": report.generated, "kept": report.kept,
@@ -145,8 +163,11 @@ def cmd_sae_info(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    run = run_study(_config(args.config), args.out, args.config)
-    _print(run.metrics)
+    cfg = _config(args.config)
+    with joined() as world:  # the processes torchrun started, or this one alone
+        run = run_study(cfg, args.out, args.config, world=world)
+    if world.leader:
+        _print(run.metrics)
 
 
 def cmd_activations(args: argparse.Namespace) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from ..activations import ActivationConfig
-from ..corpus import CorpusConfig
+from ..corpus_build import CorpusConfig
 from ..directions import DirectionConfig, SAERecipeConfig
 from ..errors import ConfigError
 from ..evals.probes import ProbeConfig

@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..activations import model_key, pooling_meta
 from ..directions import EmotionDirections
+from ..distributed import World
 from ..hook_names import hook_name
 from ..keys import key_of
 from .config import RunConfig
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -30,6 +33,8 @@ class Study:
     records: list
     corpus_key: str
     """Hash of the corpus file's content."""
+    world: World = field(default_factory=World)
+    """The run's processes under `torchrun` (rank 0 writes the run directory); one by default."""
 
     @property
     def hook(self) -> str:
@@ -51,6 +56,18 @@ class Study:
     def key(self, stage: str) -> str | None:
         """The input key a stage last ran with (what downstream keys build on)."""
         return self.run.manifest["stages"].get(stage, {}).get("key")
+
+
+def reuse_together(study: Study, stage: str, key: str, load: Callable[[], T],
+                   others: Callable[[], T] | None = None) -> T | None:
+    """`RunDir.reuse` for a stage every rank runs, decided by rank 0 (which may have spent a while on
+    stages of its own since the last exchange): the other ranks compute with it, or, when it reuses
+    the outputs, take ``others()`` (default ``load()``)."""
+    world = study.world
+    found = study.run.reuse(stage, key, load) if world.leader else None
+    if not world.agree(stage, found is not None, timeout_s=world.wait_s) or world.leader:
+        return found
+    return (others or load)()
 
 
 def directions_key(dirs: EmotionDirections) -> str:

@@ -18,8 +18,9 @@ from ..report.monitor import trace_figure, trace_html
 from ..report.probes import tylenol_figure
 from ..report.steering import save_steering_plots
 from ..sae import sae_fingerprint
+from ..stats import N_RESAMPLES, SEED
 from .config import to_dict
-from .context import Study, directions_key, exists_or_raise, fresh_dir
+from .context import Study, directions_key, exists_or_raise, fresh_dir, reuse_together
 from .tracking import log_steering_wandb
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def stage_probes(study: Study, dense: EmotionDirections, sae_dirs: EmotionDirect
 
     figs = study.run.path / "figures" / "probes"
     key = key_of(study.model_key, directions_key(dense), None if sae_dirs is None else directions_key(sae_dirs),
-                 to_dict(study.cfg.probes))
+                 to_dict(study.cfg.probes), N_RESAMPLES, SEED)
     if study.run.reuse("probes", key, lambda: (read_json(figs / "probes.json"),
                                                exists_or_raise(figs / "tylenol.png"))) is not None:
         return
@@ -97,6 +98,8 @@ def stage_steering(study: Study, dirs_by_recipe: dict[str, EmotionDirections], s
     results = study.run.path / "steering" / "results.json"
     figures = study.run.path / "figures" / "steering"
     if not cfg.enabled:
+        if not study.world.leader:
+            return None
         log.info("steering: disabled in the config")
         if "steering" in study.run.metrics:  # numbers of an earlier run must not pass for this config's
             study.run.drop("steering")
@@ -106,14 +109,16 @@ def stage_steering(study: Study, dirs_by_recipe: dict[str, EmotionDirections], s
     neutral = [r.text for r in study.records if r.emotion == "neutral" and r.split == "train"][:32]
     key = key_of(to_dict(cfg), model_key(study.model), neutral,
                  {k: directions_key(d) for k, d in sorted(dirs_by_recipe.items())},
-                 None if sae is None else sae_fingerprint(sae))
-    reused = study.run.reuse("steering", key, lambda: SteeringResult.load(results))
+                 None if sae is None else sae_fingerprint(sae), N_RESAMPLES, SEED, "texts")
+    reused = reuse_together(study, "steering", key, lambda: SteeringResult.load(results))
     if reused is not None:
         log.info("steering: inputs unchanged, reusing %s", results)
         return reused
+    if not study.world.leader:  # its share of the cells, handed to rank 0
+        return run_steering_evals(study.model, dirs_by_recipe, sae, cfg, neutral or None, study.world)
     with study.run.stage("steering", key):
         shutil.rmtree(figures, ignore_errors=True)  # figures of emotions no longer configured go too
-        result = run_steering_evals(study.model, dirs_by_recipe, sae, cfg, norm_texts=neutral or None)
+        result = run_steering_evals(study.model, dirs_by_recipe, sae, cfg, neutral or None, study.world)
         study.run.replace("steering", result.metrics())
         plots = save_steering_plots(result, figures)
         result.save(results)

@@ -9,7 +9,9 @@ computed: a command that recomputes nothing leaves manifest.json and metrics.jso
 that recomputes replaces its whole section of ``metrics.json`` (the nested metrics object
 documented in the README), so nothing of an older config survives beside the new numbers. One process at a
 time writes a run directory: `RunDir.open` takes an exclusive lock on ``DIR/.lock`` and a second
-opener fails at once, naming the holder's pid. A finished run reopens with ``readonly=True``.
+opener fails at once, naming the holder's pid. A finished run reopens with ``readonly=True``. Under
+`torchrun` rank 0 holds the lock and writes; the other ranks open it with ``follower=True``: no
+lock, and their `save` writes nothing (they compute their share and hand it to rank 0).
 """
 
 from __future__ import annotations
@@ -82,20 +84,27 @@ class RunDir:
     manifest: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     readonly: bool = False
+    follower: bool = False
+    """Another rank than 0 of a distributed run: reads the run, never writes its manifest or metrics."""
     skipped: list[str] = field(default_factory=list)
     """Stages skipped in this process (inputs unchanged, outputs load)."""
     recomputed: list[str] = field(default_factory=list)
     """Stages run in this process."""
+    current: str = "open"
+    """The stage last begun (what a failure is reported in)."""
     _lock_fd: int | None = field(default=None, repr=False)
     _saved: str | None = field(default=None, repr=False)
     """`_record` of what manifest.json and metrics.json hold on disk (None: unknown or unreadable)."""
 
     @classmethod
-    def open(cls, path: Path | str, readonly: bool = False) -> "RunDir":
+    def open(cls, path: Path | str, readonly: bool = False, follower: bool = False) -> "RunDir":
         """Open (creating) ``path`` for writing, locked against other runs; ``readonly`` opens an
-        existing run for inspection, without a lock, and refuses to save."""
+        existing run for inspection, without a lock, and refuses to save; ``follower`` opens the
+        directory rank 0 of the same distributed run holds (no lock; `save` does nothing)."""
         path = Path(path)
-        if readonly:
+        if follower:
+            run = cls(path, follower=True)
+        elif readonly:
             if not (path / "manifest.json").is_file():
                 raise RunDirError(f"{path} is not a run directory (no manifest.json)")
             run = cls(path, readonly=True)
@@ -171,6 +180,8 @@ class RunDir:
         Nothing is written when only volatile entries changed (see the module docstring)."""
         if self.readonly:
             raise RunDirError(f"{self.path} was opened read-only")
+        if self.follower:
+            return
         record = self._record()
         if record == self._saved and not self.recomputed:  # a process that computed saves its own entries too
             return
@@ -221,6 +232,7 @@ class RunDir:
         not done on disk first, so outputs half-rewritten by an interrupted stage are never trusted).
         A stage without a key (loading the model, the SAE) records only its time, in ``timings``."""
         t0 = time.perf_counter()
+        self.current = name
         if key:
             self.manifest["stages"][name] = {"key": key, "done": False}
             self.save()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,11 +18,12 @@ import torch
 from ..corpus import DEFAULT_CORPUS, load_corpus
 from ..directions import EmotionDirections, build_sae
 from ..evals.suite import EvalData
-from ..feature_cards import build_cards, cards_tables, load_cards
+from ..feature_cards import build_cards, build_latent_table, load_cards
 from ..files import load_safetensors, read_json, save_safetensors, write_json, write_text
 from ..geometry import direction_cosines
 from ..hook_names import hook_name
 from ..keys import key_of
+from ..latents import LatentTable
 from ..model_cache import sha256_file
 from ..models import load_model, model_identity, resolve_layer
 from ..report.cards import cards_page
@@ -31,7 +33,7 @@ from ..sae.data import held_out_texts
 from ..sae.effects import output_scores
 from ..sae.train import TrainResult, finished
 from .config import RunConfig, to_dict
-from .context import Study, directions_key, exists_or_raise, pooling
+from .context import Study, directions_key, exists_or_raise, pooling, reuse_together
 from .stages import report_directions, shared_store
 from .tracking import Tracker
 
@@ -39,7 +41,17 @@ log = logging.getLogger(__name__)
 
 
 def stage_sae(study: Study):
-    """Load (or train, then load) the SAE per the config, and record its quality on held-out text."""
+    """Load (or train, then load) the SAE per the config, and record its quality on held-out text
+    (rank 0; the other ranks of a distributed run load the SAE once it is ready)."""
+    if not study.world.leader:
+        study.world.sync("sae", timeout_s=study.world.wait_s)
+        return prepare_sae(study.cfg, study.model, study.run.path)
+    sae = _leader_sae(study)
+    study.world.sync("sae")
+    return sae
+
+
+def _leader_sae(study: Study):
     with study.run.stage("sae_load"):
         sae = prepare_sae(study.cfg, study.model, study.run.path)
     path = study.run.path / "sae_evals.json"
@@ -87,14 +99,18 @@ def stage_scores(study: Study, sae) -> LatentScores:
     out = study.run.path / "scores"
     key = key_of(study.corpus_key, study.model_key, study.layer, sae_fingerprint(sae), to_dict(cfg),
                  pooling(study, [sae.cfg.metadata.hook_name]), study.cfg.activations.batch_tokens)
-    scores = study.run.reuse("scoring", key, lambda: LatentScores.load(out))
+    scores = reuse_together(study, "scoring", key, lambda: LatentScores.load(out))
     if scores is None:
         with study.run.stage("scoring", key):
             store = shared_store(study, sae)
             held_out = [r for r in study.records if r.split == study.cfg.evals.split]
-            score_latents(study.model, sae, records, cfg, study.cfg.activations, pooled=store,
-                          scale_records=held_out if store is not None and held_out else None).save(out)
-        scores = LatentScores.load(out)
+            scores = score_latents(study.model, sae, records, cfg, study.cfg.activations, pooled=store,
+                                   scale_records=held_out if store is not None and held_out else None,
+                                   world=study.world)
+            if study.world.leader:
+                scores.save(out)
+        if study.world.leader:
+            scores = LatentScores.load(out)
     return scores
 
 
@@ -175,8 +191,35 @@ def stage_cards(study: Study, sae, scores: LatentScores, dirs: EmotionDirections
                                 snippets=cfg.card_snippets)
             write_json(path, [c.to_dict() for c in cards])
             write_text(path.parent / "cards.html", cards_page(cards, f"Feature cards, layer {study.layer}"))
-    for name, (cols, rows) in cards_tables(cards).items():
-        tracker.log_table(f"feature_cards/{name}", cols, rows)
+    tracker.log_table("latents", *stage_latent_table(study, sae, scores, dirs).flat())
+
+
+def stage_latent_table(study: Study, sae, scores: LatentScores, dirs: EmotionDirections) -> LatentTable:
+    """Every scored latent in one table (RUN/scores/latents.json and .safetensors): what the latent
+    browser, `saefeatures latents` and `saefeatures latent` read."""
+    key = key_of(study.model_key, study.corpus_key, sae_fingerprint(sae), study.key("scoring"), directions_key(dirs),
+                 study.cfg.sae_directions.card_snippets)
+    table = study.run.reuse("latent_table", key, lambda: LatentTable.load(study.run.path))
+    if table is None:
+        with study.run.stage("latent_table", key):
+            table = build_latent_table(study.model, sae, scores, dirs, study.records,
+                                       snippets=study.cfg.sae_directions.card_snippets)
+            table.save(study.run.path)
+    return table
+
+
+def log_artifacts(study: Study, sae, tracker: Tracker) -> None:
+    """The run's directions and its SAE as wandb artifacts (an SAE with no directory of its own,
+    a pretrained one, is saved to a temporary one first)."""
+    tracker.log_artifact("directions", "directions", study.run.path / "directions",
+                         {"layer": study.layer, "corpus": study.corpus_key})
+    where, meta = _sae_dir(sae, study), study.run.manifest.get("sae", {})
+    if where:
+        tracker.log_artifact("sae", "sae", where, meta)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        sae.save_model(tmp)
+        tracker.log_artifact("sae", "sae", tmp, meta)
 
 
 def default_out_dir(cfg: RunConfig, layer: int) -> Path:

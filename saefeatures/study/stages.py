@@ -25,8 +25,9 @@ from ..keys import key_of
 from ..model_cache import sha256_file
 from ..models import model_identity
 from ..report.geometry import save_plots
+from ..stats import N_RESAMPLES, SEED
 from .config import to_dict
-from .context import Study, activations_dir, directions_key, exists_or_raise, fresh_dir, pooling
+from .context import Study, activations_dir, directions_key, exists_or_raise, fresh_dir, pooling, reuse_together
 from .layer_sweep import sweep_rows
 
 log = logging.getLogger(__name__)
@@ -85,11 +86,12 @@ def stage_activations(study: Study) -> PooledActivations:
     key = key_of(study.corpus_key, study.model_key, study.layers, to_dict(cfg))
     needed = [r for r in study.records if r.split in ("train", study.cfg.evals.split)]
     out = activations_dir(study)
-    acts = study.run.reuse("activations", key, lambda: PooledStore(out, pooling(study), cfg.shard_records,
-                                                                   records=needed).read([r.id for r in needed]))
+    acts = reuse_together(study, "activations", key, lambda: PooledStore(out, pooling(study), cfg.shard_records,
+                                                                         records=needed).read([r.id for r in needed]),
+                          lambda: PooledActivations([], {}))
     if acts is None:
         with study.run.stage("activations", key):
-            acts = collect_pooled(study.model, needed, cfg, out, layers=study.layers)
+            acts = collect_pooled(study.model, needed, cfg, out, layers=study.layers, world=study.world)
     return acts
 
 
@@ -98,7 +100,8 @@ def shared_store(study: Study, sae) -> PooledStore | None:
     over the train split serves both stages when the SAE reads the studied hook."""
     if sae.cfg.metadata.hook_name != study.hook:
         return None
-    return PooledStore(activations_dir(study), pooling(study), study.cfg.activations.shard_records, records=study.records)
+    return PooledStore(activations_dir(study), pooling(study), study.cfg.activations.shard_records, records=study.records,
+                       world=study.world)
 
 
 def emobank_key(study: Study) -> str:
@@ -115,11 +118,13 @@ def stage_emobank(study: Study) -> tuple[PooledActivations, np.ndarray, np.ndarr
     out = activations_dir(study, "emobank")
     key = emobank_key(study)
     cfg = study.cfg.activations
-    acts = study.run.reuse("emobank_activations", key, lambda: PooledStore(
-        out, pooling(study), cfg.shard_records, records=sentences).read([s.id for s in sentences]))
+    acts = reuse_together(study, "emobank_activations", key, lambda: PooledStore(
+        out, pooling(study), cfg.shard_records, records=sentences).read([s.id for s in sentences]),
+                          lambda: PooledActivations([], {}))
     if acts is None:
         with study.run.stage("emobank_activations", key):
-            acts = collect_pooled(study.model, sentences, cfg, out, layers=study.layers, desc="emobank")
+            acts = collect_pooled(study.model, sentences, cfg, out, layers=study.layers, desc="emobank",
+                                  world=study.world)
     return acts, np.array([s.valence for s in sentences]), np.array([s.arousal for s in sentences])
 
 
@@ -127,9 +132,10 @@ def eval_data(study: Study, acts: PooledActivations,
               emobank: tuple[PooledActivations, np.ndarray, np.ndarray]) -> EvalData:
     split = study.cfg.evals.split
     test = [r for r in study.records if r.split == split and r.emotion != "neutral"]
+    neutral = [r.id for r in study.records if r.split == split and r.emotion == "neutral"]
     eb_acts, eb_v, eb_a = emobank
     return EvalData(acts.subset([r.id for r in test])[study.hook], [r.emotion for r in test], eb_acts[study.hook],
-                    eb_v, eb_a)
+                    eb_v, eb_a, acts.subset(neutral)[study.hook] if neutral else None)
 
 
 def eval_key(study: Study) -> str:
@@ -175,18 +181,19 @@ def stage_dense(study: Study, acts: PooledActivations) -> EmotionDirections:
 
 
 def report_directions(study: Study, dirs: EmotionDirections, data: EvalData, section: str) -> None:
-    """Geometry, detection and EmoBank of ``dirs``: the ``section`` of metrics and ``figures/section/``."""
+    """Geometry, detection and EmoBank of ``dirs``: the ``section`` of metrics (with ``ci.*`` and
+    ``null.*``: bootstrap intervals and null baselines) and ``figures/section/`` (detection.json
+    holds the per-emotion table and the confusion matrices)."""
     name = f"evals_{section.replace('.', '_')}"
     figs = study.run.path / "figures" / section
-    key = key_of(directions_key(dirs), eval_key(study), section)
+    key = key_of(directions_key(dirs), eval_key(study), section, N_RESAMPLES, SEED)
     if study.run.reuse(name, key, lambda: (read_json(figs / "detection.json"), read_json(figs / "geometry.json"),
                                            exists_or_raise(figs / "geometry.png"))) is not None:
         return
     with study.run.stage(name, key):
-        rep: DirectionReport = evaluate_directions(dirs, data)
-        study.run.replace(section, rep.metrics)
+        rep: DirectionReport = evaluate_directions(dirs, data, uncertain=True)
+        study.run.replace(section, {**rep.metrics, "ci": rep.ci, "null": rep.null})
         save_plots(rep.geometry, fresh_dir(figs), title=f"{section} directions, layer {dirs.layer}")
-        write_json(figs / "detection.json", {"metrics": rep.detection.metrics(),
-                                             "per_emotion": rep.detection.per_emotion})
+        write_json(figs / "detection.json", rep.detection.to_dict())
         write_json(figs / "geometry.json", {"names": rep.geometry.names, "scores": rep.geometry.scores,
                                             "explained": rep.geometry.explained, "clusters": rep.geometry.clusters})
