@@ -70,6 +70,8 @@ def _snippets(model, scores: LatentScores, records: Sequence, tops: dict[int, li
     """Per latent, the windows the scoring pass kept around its maxima in the classes ``tops[latent]``."""
     by_id = {r.id: r for r in records}
     rec_ids = sorted({scores.record_ids[int(scores.max_record[c, lat])] for lat, cs in tops.items() for c in cs})
+    if not rec_ids:  # no latent asked for fired anywhere: nothing to show (and nothing to tokenize)
+        return {lat: [] for lat in tops}
     missing = [r for r in rec_ids if r not in by_id]
     if missing:
         raise ValueError(f"Scored records not in the corpus given: {missing[:3]}; pass the corpus the scores came from.")

@@ -56,6 +56,18 @@ def test_cards_follow_the_directions_weights_and_the_scoring_pass(tiny_model, sc
             assert max(card.snippets[0].acts) == pytest.approx(top, abs=1e-3)
 
 
+def test_latents_that_never_fire_get_cards_without_snippets(tiny_model):
+    sae = make_random_sae(d_in=64, d_sae=24, hook="blocks.1.hook_resid_post", seed=1)
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e4)  # a ReLU SAE none of whose latents fires on any token
+    scores = score_latents(tiny_model, sae, RECORDS, ScoringConfig(warmup_records=6, window=6),
+                           ActivationConfig(dtype="float32"))
+    dirs = EmotionDirections(["afraid"], 1, torch.nn.functional.normalize(torch.randn(1, 64), dim=1),
+                             recipe="sae-k2", latents={"afraid": [(3, 0.5), (7, 0.5)]})
+    cards = build_cards(tiny_model, sae, scores, dirs, RECORDS, per_emotion=2, snippets=2)
+    assert [c.latent for c in cards] == [3, 7] and all(c.snippets == [] for c in cards)
+
+
 def test_cards_round_trip(tiny_model, scored, tmp_path):
     sae, scores = scored
     dirs = EmotionDirections(["calm"], 1, torch.nn.functional.normalize(torch.randn(1, 64), dim=1),
