@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -354,3 +356,32 @@ def small_run(model, tmp_path_factory):
     out = root / "out"
     run = run_study(cfg, out, model=model)
     return cfg, out, run
+
+
+@dataclass(frozen=True)
+class StandinRecord:
+    id: str
+    emotion: str
+    text: str
+
+
+STANDIN_RECORDS = [StandinRecord(f"r{i}", emotion, text) for i, (emotion, text) in
+                   enumerate(zip(["afraid", "calm", "happy", "sad", "neutral", "happy"], STANDIN_TEXTS))]
+"""The stand-in texts as corpus records (id, emotion, text), for scoring on the stand-in model."""
+
+
+def broken_references(page: str, root: Path) -> list[str]:
+    """Every <img src> and href of ``page`` that is neither a data URI, nor a file under ``root``,
+    nor an anchor (#id) of the page."""
+    ids = set(re.findall(r"\bid=['\"]([^'\"]+)['\"]", page))
+    broken = []
+    for ref in re.findall(r"<img[^>]*\bsrc=['\"]([^'\"]+)['\"]", page) + re.findall(r"\bhref=['\"]([^'\"]+)['\"]", page):
+        if ref.startswith("data:"):
+            continue
+        if ref.startswith("#"):
+            ok = ref[1:] in ids
+        else:
+            ok = "://" not in ref and (root / ref).is_file()
+        if not ok:
+            broken.append(ref)
+    return broken

@@ -3,11 +3,9 @@ snippets, and the JSON round trip."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
-from conftest import STANDIN_TEXTS, make_random_sae
+from conftest import STANDIN_RECORDS as RECORDS, make_random_sae
 
 from saefeatures.activations import ActivationConfig
 from saefeatures.directions import EmotionDirections
@@ -15,16 +13,6 @@ from saefeatures.feature_cards import build_cards, load_cards
 from saefeatures.files import write_json
 from saefeatures.sae.scoring import ScoringConfig, score_latents
 
-
-@dataclass(frozen=True)
-class Rec:
-    id: str
-    emotion: str
-    text: str
-
-
-RECORDS = [Rec(f"r{i}", emotion, text) for i, (emotion, text) in
-           enumerate(zip(["afraid", "calm", "happy", "sad", "neutral", "happy"], STANDIN_TEXTS))]
 
 
 @pytest.fixture(scope="module")

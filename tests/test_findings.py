@@ -2,8 +2,7 @@
 (`report.emotions`), on constructed metrics: rows, warnings that must and must not fire, and a page
 whose box comes first and whose every image and link resolves."""
 
-import re
-from pathlib import Path
+from conftest import broken_references
 
 from saefeatures.evals.dose_response import Curve, CurvePoint
 from saefeatures.evals.steering_suite import SteeringResult
@@ -11,23 +10,6 @@ from saefeatures.files import write_json
 from saefeatures.report.emotions import anchor, confusion_html, emotion_sections
 from saefeatures.report.findings import Finding, findings_html, flags, headline
 from saefeatures.report.page import build_report
-
-
-def broken_references(page: str, root: Path) -> list[str]:
-    """Every <img src> and href of ``page`` that is neither a data URI, nor a file under ``root``,
-    nor an anchor (#id) of the page."""
-    ids = set(re.findall(r"\bid=['\"]([^'\"]+)['\"]", page))
-    broken = []
-    for ref in re.findall(r"<img[^>]*\bsrc=['\"]([^'\"]+)['\"]", page) + re.findall(r"\bhref=['\"]([^'\"]+)['\"]", page):
-        if ref.startswith("data:"):
-            continue
-        if ref.startswith("#"):
-            ok = ref[1:] in ids
-        else:
-            ok = "://" not in ref and (root / ref).is_file()
-        if not ok:
-            broken.append(ref)
-    return broken
 
 
 def ci(lo, hi):

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_RUN_EMOTIONS, STANDIN_TEXTS, make_random_sae
-from test_findings import broken_references
+from conftest import SMALL_RUN_EMOTIONS, STANDIN_RECORDS as RECORDS, broken_references, make_random_sae
 
 from saefeatures.activations import ActivationConfig
 from saefeatures.directions import EmotionDirections
@@ -25,16 +23,6 @@ from saefeatures.study import cli
 from saefeatures.study.config import TrackingConfig
 from saefeatures.study.tracking import Tracker, file_artifact, typed_table
 
-
-@dataclass(frozen=True)
-class Rec:
-    id: str
-    emotion: str
-    text: str
-
-
-RECORDS = [Rec(f"r{i}", emotion, text) for i, (emotion, text) in
-           enumerate(zip(["afraid", "calm", "happy", "sad", "neutral", "happy"], STANDIN_TEXTS))]
 SELECTED = {"afraid": [(3, 0.2), (7, 0.9)], "happy": [(7, 0.4), (11, 0.6)]}
 
 

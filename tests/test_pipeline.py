@@ -6,8 +6,7 @@ import re
 
 import pytest
 from conftest import SMALL_RUN_EMOTIONS as EMOTIONS
-from conftest import dtype_tolerance
-from test_findings import broken_references
+from conftest import broken_references, dtype_tolerance
 
 from saefeatures.corpus import load_corpus
 from saefeatures.directions import EmotionDirections
