@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from ..evals.steering_suite import SteeringResult
 from ..feature_cards import load_cards
-from ..files import write_text
+from ..files import read_json, write_text
 from ..keys import flatten, lookup
 from ..stats import N_RESAMPLES, SEED
 from .cards import cards_html
@@ -70,7 +69,7 @@ def _kv(d: dict[str, Any]) -> str:
 
 
 def _read(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def direction_sets(metrics: dict[str, Any], manifest: dict[str, Any]) -> list[tuple[str, str]]:
