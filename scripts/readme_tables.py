@@ -1,13 +1,14 @@
 """README's results tables, regenerated from a finished run.
 
-    python scripts/readme_tables.py RUN [--readme README.md]
+    python scripts/readme_tables.py RUN [--readme README.md] [--figure docs/findings.png]
 
 Reads RUN/metrics.json and RUN/manifest.json and rewrites, in the README, the text between each pair
 of marker comments ``<!-- readme_tables:NAME -->`` and ``<!-- /readme_tables:NAME -->``:
 ``directions`` (detection, geometry and EmoBank of every direction set) and ``findings`` (the
 report's findings box: each headline number with its 95% bootstrap interval, null baseline and the
 paper's value). Each block ends with the machine the run computed on (CPU or GPU, dtypes, torch
-threads) and the command that wrote it. Text outside the markers is left as it is.
+threads) and the command that wrote it. Text outside the markers is left as it is. Also draws the
+findings figure (the report's, `saefeatures.report.findings_figure`) to the README's hero image.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from saefeatures.errors import UserError
-from saefeatures.files import write_text
+from saefeatures.files import save_figure, write_text
 from saefeatures.keys import lookup
 from saefeatures.report.findings import headline
+from saefeatures.report.findings_figure import figure_title, findings_figure
 from saefeatures.report.page import direction_sets
 
 BLOCKS = ("directions", "findings")
@@ -100,7 +102,10 @@ def read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a finished run directory")
-    parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[1] / "README.md")
+    root = Path(__file__).resolve().parents[1]
+    parser.add_argument("--readme", type=Path, default=root / "README.md")
+    parser.add_argument("--figure", type=Path, default=root / "docs" / "findings.png",
+                        help="where the findings figure goes (the README's hero image)")
     args = parser.parse_args(argv)
     try:
         metrics, manifest = read_run(args.run)
@@ -112,8 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    rows = headline(metrics, direction_sets(metrics, manifest))
+    if rows:
+        save_figure(args.figure, findings_figure(rows, figure_title(metrics)), dpi=110)
     write_text(args.readme, text)
-    print(f"wrote {', '.join(BLOCKS)} tables into {args.readme} from {args.run}")
+    print(f"wrote {', '.join(BLOCKS)} tables into {args.readme}" + (f" and {args.figure}" if rows else "")
+          + f" from {args.run}")
     return 0
 
 

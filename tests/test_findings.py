@@ -2,6 +2,7 @@
 (`report.emotions`), on constructed metrics: rows, warnings that must and must not fire, and a page
 whose box comes first and whose every image and link resolves."""
 
+import pytest
 from conftest import broken_references
 
 from saefeatures.evals.dose_response import Curve, CurvePoint
@@ -123,7 +124,7 @@ def test_page_opens_with_findings_and_every_reference_resolves(tmp_path):
     (dense / "geometry.png").write_bytes(b"\x89PNG fake")
     (dense / "geometry.html").write_text("<html></html>")
     page = build_report(tmp_path)
-    assert page.index("id='findings'") < page.index("<h2>") + 40 and page.index("<h2>Findings</h2>") == page.index("<h2>")
+    assert page.index("id='findings'") < page.index("<h2>") + 40 and "alt='findings: each headline number" in page and page.index("<h2>Findings</h2>") == page.index("<h2>")
     assert page.index("<h2>Timings</h2>") > page.index("<h2>Emotions</h2>")  # timings are the appendix, last
     assert "href='figures/dense/geometry.html'" in page and "Detection: confusion matrices" in page
     assert broken_references(page, tmp_path) == []
@@ -135,3 +136,34 @@ def test_page_opens_with_findings_and_every_reference_resolves(tmp_path):
 def test_findings_value_keeps_its_sign():
     f = Finding("m", -0.4, None, {"mean": 0, "p05": -0.3, "p95": 0.3, "percentile": 3.0}, "k", "–", expect=-1.0)
     assert f.beyond_null is True and Finding("m", None, None, None, "k", "–").beyond_null is None
+
+
+def test_findings_figure_draws_a_panel_per_result_and_the_page_inlines_it(tmp_path):
+    import base64
+
+    import matplotlib.pyplot as plt
+
+    from saefeatures.report.findings_figure import BEYOND, WITHIN, findings_figure, findings_png
+
+    metrics = {"dense": {"valence_r": 0.7, "arousal_r": 0.1, "top1": 0.2,
+                         "ci": {"valence_r": ci(0.6, 0.8)},
+                         "null": {"valence_r": null(100.0), "arousal_r": null(40.0)}},
+               "probes": {"tylenol_afraid_spearman": 0.5, "null": {"tylenol_afraid_spearman": null(50.0)}}}
+    rows = headline(metrics, [("dense", "dense")])
+    assert [r.group for r in rows] == ["geometry vs human ratings"] * 2 + ["held-out detection", "Tylenol probe"]
+    fig = findings_figure(rows, "Findings: tiny, layer 2")
+    titles = [ax.get_title(loc="left") for ax in fig.axes]
+    assert titles == ["geometry vs human ratings", "held-out detection", "Tylenol probe"]
+    geometry = fig.axes[0]
+    dots = [(line.get_xdata()[0], line.get_color()) for line in geometry.lines if line.get_marker() == "o"]
+    assert dots == [(0.7, BEYOND), (0.1, WITHIN)]  # the value, coloured by where it sits in its null
+    assert [line.get_xdata()[0] for line in geometry.lines if line.get_marker() == "*"] == [0.81, 0.66]  # paper
+    assert [t.get_text() for t in geometry.get_yticklabels()] == ["valence r: PC1 vs human valence (dense)",
+                                                                   "arousal r: PC2 vs human arousal (dense)"]
+    plt.close(fig)
+    png = findings_png(rows)
+    assert png.startswith(b"\x89PNG")
+    html = findings_html(rows, [], figure_png=png)
+    assert html.index("<img") < html.index("<table>") and base64.b64encode(png).decode() in html
+    with pytest.raises(ValueError, match="no headline numbers"):
+        findings_figure([])

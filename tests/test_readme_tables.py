@@ -18,9 +18,11 @@ MACHINE = {"cpu": "AMD EPYC 7B13", "cpu_flags": ["avx2"], "cpu_count": 2, "torch
 def _regenerate(run: Path, tmp_path: Path) -> tuple[str, str]:
     readme = tmp_path / "README.md"
     readme.write_text((ROOT / "README.md").read_text())
-    assert readme_tables.main([str(run), "--readme", str(readme)]) == 0
+    figure = tmp_path / "findings.png"
+    assert readme_tables.main([str(run), "--readme", str(readme), "--figure", str(figure)]) == 0
     first = readme.read_text()
-    assert readme_tables.main([str(run), "--readme", str(readme)]) == 0
+    assert figure.read_bytes().startswith(b"\x89PNG")  # the hero image, drawn from the run
+    assert readme_tables.main([str(run), "--readme", str(readme), "--figure", str(figure)]) == 0
     assert readme.read_text() == first  # idempotent
     return (ROOT / "README.md").read_text(), first
 
@@ -63,10 +65,11 @@ def test_missing_markers_or_run_fail_with_one_line(tmp_path, capsys):
     (run / "manifest.json").write_text("{}")
     readme = tmp_path / "README.md"
     readme.write_text("no markers here\n")
-    assert readme_tables.main([str(run), "--readme", str(readme)]) == 2
+    assert readme_tables.main([str(run), "--readme", str(readme), "--figure", str(tmp_path / "f.png")]) == 2
+    assert not (tmp_path / "f.png").exists()
     assert "error: the README needs exactly one '<!-- readme_tables:directions -->'" in capsys.readouterr().err
     assert readme.read_text() == "no markers here\n"
-    assert readme_tables.main([str(tmp_path / "nowhere"), "--readme", str(readme)]) == 2
+    assert readme_tables.main([str(tmp_path / "nowhere"), "--readme", str(readme), "--figure", str(tmp_path / "f.png")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "metrics.json" in err and "finished `saefeatures run`" in err
 

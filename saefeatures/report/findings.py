@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import base64
 import html
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ PAPER_VALENCE_R = 0.81
 PAPER_AROUSAL_R = 0.66
 PAPER_STEERING = "desperate: blackmail 22% → 72% (another measure)"
 """The paper's steering result: steering toward 'desperate' raised the blackmail rate."""
+GEOMETRY, DETECTION, TYLENOL, STEERING = ("geometry vs human ratings", "held-out detection",
+                                         "Tylenol probe", "steering")
+"""The groups of headline rows, in the order the box lists them."""
 MAX_LISTED = 8
 """Emotions named in one warning; the rest are counted."""
 
@@ -40,6 +44,8 @@ class Finding:
     paper: str
     expect: float = 1.0
     """The sign the method predicts: +1, the value should sit high in its null; -1, low."""
+    group: str = ""
+    """Which result it belongs to (geometry, detection, Tylenol probe, steering): a panel of the figure."""
 
     @property
     def beyond_null(self) -> bool | None:
@@ -50,12 +56,12 @@ class Finding:
 
 
 def _finding(metrics: dict, section: str, key: str, measure: str, null_kind: str, paper: str,
-             expect: float = 1.0) -> Finding | None:
+             expect: float = 1.0, group: str = "") -> Finding | None:
     value = lookup(metrics, f"{section}.{key}")
     if not isinstance(value, (int, float)):
         return None
     return Finding(measure, float(value), lookup(metrics, f"{section}.ci.{key}"),
-                   lookup(metrics, f"{section}.null.{key}"), null_kind, paper, expect)
+                   lookup(metrics, f"{section}.null.{key}"), null_kind, paper, expect, group)
 
 
 def headline(metrics: dict[str, Any], sections: Sequence[tuple[str, str]]) -> list[Finding]:
@@ -65,23 +71,23 @@ def headline(metrics: dict[str, Any], sections: Sequence[tuple[str, str]]) -> li
     for section, label in sections:
         rows += [
             _finding(metrics, section, "valence_r", f"valence r: PC1 vs human valence ({label})",
-                     "|r| with the valence ratings shuffled", f"{PAPER_VALENCE_R:.2f}"),
+                     "|r| with the valence ratings shuffled", f"{PAPER_VALENCE_R:.2f}", group=GEOMETRY),
             _finding(metrics, section, "arousal_r", f"arousal r: PC2 vs human arousal ({label})",
-                     "|r| with the arousal ratings shuffled", f"{PAPER_AROUSAL_R:.2f}"),
+                     "|r| with the arousal ratings shuffled", f"{PAPER_AROUSAL_R:.2f}", group=GEOMETRY),
         ]
     for section, label in sections:
         rows += [
             _finding(metrics, section, "top1", f"held-out detection, top-1 ({label})",
-                     "test labels shuffled", "–"),
+                     "test labels shuffled", "–", group=DETECTION),
             _finding(metrics, section, "cluster_acc", f"prediction in the true cluster of 10 ({label})",
-                     "test labels shuffled", "–"),
+                     "test labels shuffled", "–", group=DETECTION),
         ]
     for prefix, label in (("", "dense"), ("sae_", "SAE")):
         for e, expect, paper in (("afraid", 1.0, "rises with the dose"), ("calm", -1.0, "–")):
             for suffix, what in (("", ""), ("_minus_control", " minus the vitamin C control")):
                 rows.append(_finding(metrics, "probes", f"{prefix}tylenol_{e}_spearman{suffix}",
                                      f"Tylenol: Spearman of dose vs '{e}'{what} ({label})",
-                                     "every order of the doses", paper if not suffix else "–", expect))
+                                     "every order of the doses", paper if not suffix else "–", expect, TYLENOL))
     for emotion, entry in (metrics.get("steering") or {}).items():
         if not isinstance(entry, dict) or "judge_valence_spearman" not in entry:
             continue
@@ -91,10 +97,10 @@ def headline(metrics: dict[str, Any], sections: Sequence[tuple[str, str]]) -> li
         rows += [
             _finding(metrics, f"steering.{emotion}", "valence_change_at_max_fluent",
                      f"steering toward '{emotion}' {at}: change in the text's Warriner valence",
-                     "strength labels shuffled", PAPER_STEERING if emotion == "desperate" else "–", sign),
+                     "strength labels shuffled", PAPER_STEERING if emotion == "desperate" else "–", sign, STEERING),
             _finding(metrics, f"steering.{emotion}", "projection_change_at_max_fluent",
                      f"steering toward '{emotion}' {at}: change in the text's '{emotion}' read-out",
-                     "strength labels shuffled", "–"),
+                     "strength labels shuffled", "–", group=STEERING),
         ]
     return [r for r in rows if r is not None]
 
@@ -165,8 +171,10 @@ def _num(v: float | None, digits: int = 2) -> str:
     return "&ndash;" if v is None else f"{v:.{digits}f}"
 
 
-def findings_html(rows: Sequence[Finding], warnings: Sequence[str], notes: Sequence[str] = ()) -> str:
-    """The box: a table of ``rows``, then the ``warnings`` (or a line saying there are none), then notes."""
+def findings_html(rows: Sequence[Finding], warnings: Sequence[str], notes: Sequence[str] = (),
+                  figure_png: bytes | None = None) -> str:
+    """The box: ``figure_png`` (`findings_figure` of the rows), a table of ``rows``, then the
+    ``warnings`` (or a line saying there are none), then notes."""
     body = []
     for f in rows:
         ci = f"[{_num(f.ci['lower'])}, {_num(f.ci['upper'])}]" if f.ci else "&ndash;"
@@ -182,4 +190,6 @@ def findings_html(rows: Sequence[Finding], warnings: Sequence[str], notes: Seque
     warn = ("<ul class='flags'>" + "".join(f"<li>&#9888; {html.escape(w)}</li>" for w in warnings) + "</ul>"
             if warnings else "<p class='note'>No result contradicts the method's assumptions.</p>")
     note = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes)
-    return f"<div id='findings' class='findings'><h2>Findings</h2>{table}{warn}{note}</div>"
+    figure = (f"<img alt='findings: each headline number with its interval, null band and the paper&#39;s value' "
+              f"src='data:image/png;base64,{base64.b64encode(figure_png).decode()}'>" if figure_png else "")
+    return f"<div id='findings' class='findings'><h2>Findings</h2>{figure}{table}{warn}{note}</div>"

@@ -26,6 +26,7 @@ from ..stats import N_RESAMPLES, SEED
 from .cards import cards_html
 from .emotions import confusion_html, emotion_sections
 from .findings import findings_html, flags, headline
+from .findings_figure import figure_title, findings_png
 from .latents import latents_section
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1150px;margin:20px auto;padding:0 16px;color:#222}
@@ -104,11 +105,13 @@ def build_report(run_dir: Path | str) -> str:
     sets = direction_sets(metrics, manifest)
     detection = {s: _read(figs / s / "detection.json") for s in SECTIONS}
     detections = {label: detection[s]["per_emotion"] for s, label in sets if detection.get(s)}
+    rows = headline(metrics, sets)
     head = [f"<h1>saefeatures report: {_fmt(lookup(metrics, 'model.id'))}, layer {_fmt(lookup(metrics, 'model.layer'))}</h1>",
             f"<p class='note'>Run directory {html.escape(str(run))}; started {_fmt(manifest.get('started'))}. "
             "Emotion directions follow Anthropic (2026), 'Emotion Concepts and their Function in a Large Language "
             "Model'; human norms are Warriner et al. (2013) (the paper used a PAD study of 45 words).</p>",
-            findings_html(headline(metrics, sets), flags(metrics, detections), findings_notes(metrics))]
+            findings_html(rows, flags(metrics, detections), findings_notes(metrics),
+                          findings_png(rows, figure_title(metrics)) if rows else None)]
     smoke = manifest.get("smoke")
     if smoke:
         head.append(f"<p><b>Smoke check.</b> {html.escape(smoke['prompt'])} &rarr; <i>{html.escape(smoke['reply'])}</i></p>")
