@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = headline(metrics, direction_sets(metrics, manifest))
     if rows:
+        args.figure.parent.mkdir(parents=True, exist_ok=True)
         save_figure(args.figure, findings_figure(rows, figure_title(metrics)), dpi=110)
     write_text(args.readme, text)
     print(f"wrote {', '.join(BLOCKS)} tables into {args.readme}" + (f" and {args.figure}" if rows else "")
