@@ -40,6 +40,7 @@ def stage_probes(study: Study, dense: EmotionDirections, sae_dirs: EmotionDirect
                       others=lambda: True) is not None:
         return
     if not study.world.leader:  # its share of the cells, handed to rank 0
+        study.run.current = "probes"  # the stage its failure names
         run_probes(study.model, dense, study.cfg.probes, sae_dirs, study.world)
         return
     with study.run.stage("probes", key):
@@ -120,6 +121,7 @@ def stage_steering(study: Study, dirs_by_recipe: dict[str, EmotionDirections], s
         log.info("steering: inputs unchanged, reusing %s", results)
         return reused
     if not study.world.leader:  # its share of the cells, handed to rank 0
+        study.run.current = "steering"  # the stage its failure names
         return run_steering_evals(study.model, dirs_by_recipe, sae, cfg, neutral or None, study.world)
     with study.run.stage("steering", key):
         shutil.rmtree(figures, ignore_errors=True)  # figures of emotions no longer configured go too
