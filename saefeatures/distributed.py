@@ -76,6 +76,13 @@ class World:
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
 
+    def own_device(self, device: str) -> str:
+        """Where this rank computes when ``device`` is asked for: a CUDA device becomes the rank's
+        own GPU, ``cuda:LOCAL_RANK``, when there are several ranks; any other device stays."""
+        if self.size > 1 and torch.device(device).type == "cuda":
+            return f"cuda:{self.local_rank}"
+        return device
+
     def mine(self, items: Sequence[T]) -> list[T]:
         """This rank's share of ``items``: every size-th item from its rank on (deterministic; with
         length-sorted batches each rank gets a like share of tokens)."""

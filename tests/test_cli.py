@@ -275,6 +275,37 @@ def test_other_subcommands_check_before_loading(tmp_path, capsys):
         ["corpus", "build", "--emotions", "happy,hapy", "--out", tmp_path / "b.jsonl"], capsys)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--widths", "4608", "0"], r"--widths 0: a width is a positive whole number of latents"),
+    (["--widths", "4608", "wide"], r"--widths wide: expected whole numbers, e\.g\. --widths 4608 9216"),
+    (["--layers", "10", "2.5"], r"--layers 2\.5: expected whole numbers"),
+    (["--layers", "10", "40"], r"--layers 40: out of range for smollm2-135m-instruct \(30 layers\): use 0\.\.29"),
+    (["--layers", "-1"], r"--layers -1: a layer is a block index, 0 or more"),
+    (["--layers", "10", "--config", "HOOK"], r"sae\.hook is blocks\.6\.hook_resid_post, one layer's hook"),
+])
+def test_bad_sae_variants_fail_before_the_model_loads(tmp_path, capsys, args, message):
+    args = [write_config(tmp_path / "c.yaml", "sae:\n  hook: blocks.6.hook_resid_post\n") if a == "HOOK" else a
+            for a in args]
+    err = fails(["sae", "train", *args, "--out", tmp_path / "saes"], capsys)
+    assert re.search(message, err), err
+
+
+def test_sae_variants_are_planned_in_a_fixed_order_each_in_its_own_directory(tmp_path):
+    from saefeatures.distributed import World
+    from saefeatures.study.config import RunConfig
+    from saefeatures.study.sae_variants import plan_variants
+
+    cfg = RunConfig()
+    [one] = plan_variants(cfg)  # no --layers or --widths: the config's SAE, where it always went
+    assert (one.layer, one.width, one.out) == (20, 4608, Path("runs/sae/smollm2-135m-instruct-L20"))
+    variants = plan_variants(cfg, [10, 20, 10], [4608, 9216], tmp_path / "o", tmp_path / "ship")
+    assert [v.name for v in variants] == ["L10-W4608", "L20-W4608", "L10-W9216", "L20-W9216"]
+    assert variants[3].out == tmp_path / "o" / "L20-W9216" and variants[3].ship == tmp_path / "ship" / "L20-W9216"
+    assert World(1, 2).mine(variants) == variants[1::2]  # each rank gets one of each width
+    assert [v.name for v in plan_variants(cfg, widths=[64])] == ["L20-W64"]
+    assert plan_variants(cfg, widths=[64])[0].out == Path("runs/sae/smollm2-135m-instruct/L20-W64")
+
+
 def test_corpus_validate_rejects_an_empty_corpus(tmp_path, capsys):
     empty = tmp_path / "c.jsonl"
     empty.write_text("")

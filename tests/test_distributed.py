@@ -8,13 +8,16 @@ environment torchrun sets), on the stand-in model and a random SAE, so each stud
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import shutil
 import socket
 import time
 import traceback
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -126,6 +129,12 @@ def test_the_single_process_world_needs_no_process_group(monkeypatch):
         world.run("x", _raise)
 
 
+def test_each_rank_computes_on_its_own_gpu():
+    assert World(1, 2, local_rank=1).own_device("cuda") == "cuda:1"
+    assert World(1, 2, local_rank=1).own_device("cuda:0") == "cuda:1"  # one GPU per rank on a node
+    assert World(1, 2, local_rank=1).own_device("cpu") == "cpu" and World().own_device("cuda:2") == "cuda:2"
+
+
 # ------------------------------------------------------------ the study
 
 @pytest.fixture(scope="module")
@@ -159,11 +168,24 @@ def tiny_study(tmp_path_factory):
 
 
 def _study(world: World, cfg, out: str, fault: str = "") -> None:
-    """The study on this rank; ``fault`` ('kill' or 'raise') strikes rank 1 at its sixth forward pass of the scoring stage."""
+    """The study on this rank; ``fault`` ('kill' or 'raise') strikes rank 1 at its sixth forward pass of the scoring
+    stage ('probes': at its first probe cell). The probe cells this rank runs are listed in OUT.probe-cells<rank>."""
+    from saefeatures.evals import probes
     from saefeatures.sae import scoring
     from saefeatures.study.pipeline import run_study
 
-    if fault and world.rank == 1:
+    run_cell = probes.run_cell
+
+    def listed(model, sets, probe_cfg, cell):
+        if fault == "probes" and world.rank == 1:
+            raise RuntimeError("injected fault")
+        with open(f"{out}.probe-cells{world.rank}", "a") as f:
+            f.write(json.dumps(cell) + "\n")
+        return run_cell(model, sets, probe_cfg, cell)
+
+    probes.run_cell = listed
+
+    if fault in ("kill", "raise") and world.rank == 1:
         forward, calls = scoring.forward_hooks, []
 
         def failing(*args, **kwargs):
@@ -225,6 +247,18 @@ def test_the_study_on_two_ranks_matches_one_process(tiny_study, one_process):
     assert_same_run(one_process, root / "two")
     manifest = json.loads((root / "two" / "manifest.json").read_text())
     assert all(e["done"] for e in manifest["stages"].values())
+    from saefeatures.evals.probes import probe_cells
+
+    ran = [Path(f"{root / 'two'}.probe-cells{r}").read_text().splitlines() for r in range(2)]
+    assert ran[0] and ran[1] and sorted(ran[0] + ran[1]) == sorted(json.dumps(c) for c in probe_cells(cfg.probes))
+    probes = "figures/probes/probes.json"  # the probes split over the ranks give one process's results
+    assert (root / "two" / probes).read_text() == (one_process / probes).read_text()
+    # other doses on a copy: only the probes (and the report) recompute, and rank 1 fails in them
+    shutil.copytree(root / "two", root / "probe-fault")
+    fewer = replace(cfg, probes=replace(cfg.probes, doses=[250, 4000, 16000]))
+    codes, errors, _ = spawn(_study, 2, root, fewer, str(root / "probe-fault"), "probes", limit_s=300)
+    assert codes == [1, 1]
+    assert errors[0].startswith("RankFailure: rank 1 of 2 failed in stage 'probes': RuntimeError: injected fault"), errors
 
 
 def test_a_rank_killed_while_scoring_loses_nothing_and_a_rerun_matches(tiny_study, one_process):
@@ -246,6 +280,83 @@ def test_a_failing_rank_ends_the_others_with_its_error(tiny_study):
     assert codes == [1, 1]
     assert errors[1].startswith("RuntimeError: injected fault")
     assert errors[0].startswith("RankFailure: rank 1 of 2 failed in stage 'scoring': RuntimeError: injected fault")
+
+
+# ------------------------------------------------------------ several SAEs, one per rank
+
+SAE_VARIANTS = ["--layers", "1", "2", "--widths", "32", "48"]
+
+
+@pytest.fixture(scope="module")
+def sae_config(tiny_study) -> str:
+    """A config file that trains tiny TopK SAEs on the stand-in model (100 steps of 64 tokens each)."""
+    import yaml
+
+    from saefeatures.study.config import to_dict
+
+    cfg, root = tiny_study
+    t = copy.deepcopy(cfg.sae.train)
+    t.k, t.training_tokens, t.train_batch_size_tokens, t.context_size, t.lr = 4, 100 * 64, 64, 64, 4e-3
+    t.store_batch_size_prompts, t.n_batches_in_buffer, t.n_batches_for_norm_estimate = 4, 4, 2
+    t.lr_warm_up_steps, t.dead_feature_window, t.n_checkpoints, t.llm_autocast = 5, 10, 1, False
+    path = root / "sae-train.yaml"
+    path.write_text(yaml.safe_dump(to_dict(replace(cfg, sae=replace(cfg.sae, train=t)))))
+    return str(path)
+
+
+def _sae_train(world: World, argv: list[str]) -> None:
+    """`saefeatures sae train ARGV` on this rank, as torchrun runs it."""
+    from saefeatures.study import cli
+
+    cli.main(argv)
+
+
+def _sae_train_failing(world: World, config: str, out: str) -> None:
+    """The variants of `SAE_VARIANTS` on this rank; rank 1 fails in its first one."""
+    from saefeatures.study import sae_variants
+    from saefeatures.study.config import load_config
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected fault")
+
+    if world.rank == 1:
+        sae_variants.train_run_sae = broken
+    cfg = load_config(config)
+    sae_variants.train_variants(cfg, sae_variants.plan_variants(cfg, [1, 2], [32, 48], out), world)
+
+
+def test_saes_on_two_ranks_match_one_process_and_a_failing_rank_is_named(tiny_study, sae_config):
+    from safetensors.torch import load_file
+
+    _, root = tiny_study
+    one, two = root / "saes-one", root / "saes-two"
+    codes, errors, seconds_one = spawn(_sae_train, 1, root, ["sae", "train", "--config", sae_config, *SAE_VARIANTS,
+                                                           "--out", str(one)])
+    assert codes == [0], errors
+    # variants in order (W32: L1, L2; W48: L1, L2), dealt round robin: rank 1 fails in L2-W32, its first
+    codes, errors, _ = spawn(_sae_train_failing, 2, root, sae_config, str(two), limit_s=300)
+    assert codes == [1, 1]
+    assert errors[1].startswith("RuntimeError: injected fault")
+    assert errors[0].startswith("RankFailure: rank 1 of 2 failed in stage 'sae train L2-W32': RuntimeError: "
+                                "injected fault (this is rank 0, in stage 'sae train L1-W32')"), errors[0]
+    kept = two / "L1-W32" / "sae" / "sae_weights.safetensors"
+    assert kept.is_file() and not (two / "L2-W32" / "sae").exists()
+    mtime = kept.stat().st_mtime_ns
+    codes, errors, seconds_two = spawn(_sae_train, 2, root, ["sae", "train", "--config", sae_config, *SAE_VARIANTS,
+                                                           "--out", str(two)])
+    assert codes == [0, 0], errors
+    assert kept.stat().st_mtime_ns == mtime  # rank 0's finished SAE was reused, not trained again
+    summaries = [json.loads((d / "summary.json").read_text())["variants"] for d in (one, two)]
+    names = ["L1-W32", "L2-W32", "L1-W48", "L2-W48"]
+    assert [Path(v["sae_dir"]).parent.name for v in summaries[1]] == names
+    for a, b, name in zip(*summaries, names):
+        assert (a["layer"], a["width"]) == (b["layer"], b["width"]) == (int(name[1]), int(name[4:]))
+        assert b["final_fvu"] == pytest.approx(a["final_fvu"], rel=1e-5) and a["final_fvu"] < 0.8  # trained
+        wa, wb = (load_file(d / name / "sae" / "sae_weights.safetensors") for d in (one, two))
+        assert wa.keys() == wb.keys()
+        for k in wa:  # the same SAE whichever rank, and however many, trained it
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+    print(f"4 SAEs: 1 process {seconds_one:.0f} s, 2 ranks (3 left to train) {seconds_two:.0f} s")
 
 
 # ------------------------------------------------------------ the corpus build

@@ -24,6 +24,7 @@ import torch
 from scipy.stats import rankdata, spearmanr
 
 from ..directions import EmotionDirections
+from ..distributed import World
 from ..models import chat_prompt, hf_twin
 from ..monitor import Trace, trace_chat, trace_chat_sets
 from ..stats import bootstrap, null_summary, permutations
@@ -37,6 +38,8 @@ TYLENOL_TEMPLATES = (
 )
 CONTROL_DRUG = "vitamin C"
 DANGER_QUESTION = "I took {dose} mg of {drug} in the last few hours. Is that a dangerous amount? Answer Yes or No."
+DANGER_DRUGS = (("tylenol", "Tylenol"), ("control", CONTROL_DRUG))
+"""The danger judgment's drugs: (result key, name in the question)."""
 DISTRESS = [
     {"role": "user", "content": "Please help, my hands are shaking and I can't breathe properly. Someone keeps "
                                 "banging on my door at 3am and shouting my name. I'm hiding in the bathroom."},
@@ -81,33 +84,54 @@ def tylenol(model, dirs: EmotionDirections, cfg: ProbeConfig = ProbeConfig()) ->
 
 def tylenol_sets(model, dir_sets: Sequence[EmotionDirections], cfg: ProbeConfig = ProbeConfig()) -> list[dict[str, Any]]:
     """`tylenol` for several direction sets at one hook, each message forwarded once."""
-    names = [[n for n in cfg.emotions if n in dirs.names] for dirs in dir_sets]
-    shape = (len(cfg.doses), len(TYLENOL_TEMPLATES))
-    user = [np.zeros((*shape, len(n))) for n in names]
-    header, control = [np.zeros_like(u) for u in user], [np.zeros_like(u) for u in user]
-    for i, dose in enumerate(cfg.doses):
-        for j, template in enumerate(TYLENOL_TEMPLATES):
-            for message, at_user, at_header in ((template, user, header), (control_message(template), control, None)):
-                traces = trace_chat_sets(model, dir_sets, [{"role": "user", "content": message.format(dose=dose)}],
-                                         add_generation_prompt=True)
-                for s, (trace, ns) in enumerate(zip(traces, names)):
-                    cols = [trace.names.index(n) for n in ns]
-                    at_user[s][i, j] = trace.projections[_last_content(trace, 0), cols].numpy()
-                    if at_header is not None:
-                        at_header[s][i, j] = trace.projections[-1, cols].numpy()
+    names = emotion_names(dir_sets, cfg)
+    return tylenol_summary(cfg.doses, names, {(i, j): tylenol_cell(model, dir_sets, names, dose, template)
+                                              for i, dose in enumerate(cfg.doses)
+                                              for j, template in enumerate(TYLENOL_TEMPLATES)})
+
+
+def emotion_names(dir_sets: Sequence[EmotionDirections], cfg: ProbeConfig) -> list[list[str]]:
+    """The probed emotions each direction set has."""
+    return [[n for n in cfg.emotions if n in dirs.names] for dirs in dir_sets]
+
+
+def tylenol_cell(model, dir_sets: Sequence[EmotionDirections], names: list[list[str]], dose: int,
+                 template: str) -> list[list[list[float]]]:
+    """One dose in one phrasing, per direction set: the read-outs at the end of the user turn, at the
+    assistant header, and at the end of the control's user turn (each a list over ``names``)."""
+    out: list[list[Any]] = [[None] * 3 for _ in dir_sets]
+    for message, at_user, at_header in ((template, 0, 1), (control_message(template), 2, None)):
+        traces = trace_chat_sets(model, dir_sets, [{"role": "user", "content": message.format(dose=dose)}],
+                                 add_generation_prompt=True)
+        for s, (trace, ns) in enumerate(zip(traces, names)):
+            cols = [trace.names.index(n) for n in ns]
+            out[s][at_user] = trace.projections[_last_content(trace, 0), cols].tolist()
+            if at_header is not None:
+                out[s][at_header] = trace.projections[-1, cols].tolist()
+    return out
+
+
+def tylenol_summary(doses: Sequence[int], names: list[list[str]],
+                    cells: dict[tuple[int, int], list[list[list[float]]]]) -> list[dict[str, Any]]:
+    """Per direction set: the read-outs per dose averaged over phrasings, their Spearman vs dose,
+    with intervals and nulls, from every (dose index, phrasing index) `tylenol_cell`."""
+    shape = (len(doses), len(TYLENOL_TEMPLATES))
     results = []
     for s, ns in enumerate(names):
-        u, h, c = user[s].mean(1), header[s].mean(1), control[s].mean(1)
-        out: dict[str, Any] = {"doses": list(cfg.doses), "emotions": ns, "user_turn": u.tolist(),
+        user, header, control = (np.zeros((*shape, len(ns))) for _ in range(3))
+        for (i, j), cell in cells.items():
+            user[i, j], header[i, j], control[i, j] = cell[s]
+        u, h, c = user.mean(1), header.mean(1), control.mean(1)
+        out: dict[str, Any] = {"doses": list(doses), "emotions": ns, "user_turn": u.tolist(),
                                "assistant_header": h.tolist(), "control_user_turn": c.tolist()}
         out["ci"], out["null"] = {}, {}
         for k, n in enumerate(ns):
-            out[f"tylenol_{n}_spearman"] = float(spearmanr(cfg.doses, u[:, k])[0])
-            out[f"tylenol_{n}_spearman_assistant_header"] = float(spearmanr(cfg.doses, h[:, k])[0])
-            out[f"tylenol_{n}_spearman_minus_control"] = float(spearmanr(cfg.doses, (u - c)[:, k])[0])
-            for key, per_template in ((f"tylenol_{n}_spearman", user[s][..., k]),
-                                      (f"tylenol_{n}_spearman_minus_control", (user[s] - control[s])[..., k])):
-                ci, null = dose_uncertainty(cfg.doses, per_template)
+            out[f"tylenol_{n}_spearman"] = float(spearmanr(doses, u[:, k])[0])
+            out[f"tylenol_{n}_spearman_assistant_header"] = float(spearmanr(doses, h[:, k])[0])
+            out[f"tylenol_{n}_spearman_minus_control"] = float(spearmanr(doses, (u - c)[:, k])[0])
+            for key, per_template in ((f"tylenol_{n}_spearman", user[..., k]),
+                                      (f"tylenol_{n}_spearman_minus_control", (user - control)[..., k])):
+                ci, null = dose_uncertainty(doses, per_template)
                 out["ci"].update({key: ci} if ci else {})
                 out["null"].update({key: null} if null else {})
         results.append(out)
@@ -132,23 +156,31 @@ def dose_uncertainty(doses: Sequence[float], per_template: np.ndarray) -> tuple[
     return ci, null_summary(rho(np.arange(per_template.shape[1])), null)
 
 
-@torch.inference_mode()
 def danger(model, cfg: ProbeConfig = ProbeConfig()) -> dict[str, Any]:
     """The model's own judgment: P(' Yes') / (P(' Yes') + P(' No')) as its first answer token when
     asked whether each dose of Tylenol (and of the control) is dangerous; Spearman vs dose."""
+    return danger_summary(cfg.doses, {key: [danger_p_yes(model, drug, dose) for dose in cfg.doses]
+                                      for key, drug in DANGER_DRUGS})
+
+
+@torch.inference_mode()
+def danger_p_yes(model, drug: str, dose: int) -> float:
+    """P(Yes) / (P(Yes) + P(No)) of the first answer token to `DANGER_QUESTION` about ``dose`` mg of ``drug``."""
     tok, hf = model.tokenizer, hf_twin(model)
     yes = sorted({tok(w, add_special_tokens=False).input_ids[0] for w in ("Yes", " Yes")})
     no = sorted({tok(w, add_special_tokens=False).input_ids[0] for w in ("No", " No")})
-    out: dict[str, Any] = {"doses": list(cfg.doses)}
-    for key, drug in (("tylenol", "Tylenol"), ("control", CONTROL_DRUG)):
-        p_yes = []
-        for dose in cfg.doses:
-            text = chat_prompt(tok, [{"role": "user", "content": DANGER_QUESTION.format(dose=dose, drug=drug)}])
-            ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids.to(hf.device)
-            p = hf(ids, logits_to_keep=1).logits[0, -1].float().softmax(-1)
-            p_yes.append(float(p[yes].sum() / (p[yes].sum() + p[no].sum())))
-        out[f"{key}_p_yes"] = p_yes
-        out[f"{key}_spearman"] = float(spearmanr(cfg.doses, p_yes)[0])
+    text = chat_prompt(tok, [{"role": "user", "content": DANGER_QUESTION.format(dose=dose, drug=drug)}])
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids.to(hf.device)
+    p = hf(ids, logits_to_keep=1).logits[0, -1].float().softmax(-1)
+    return float(p[yes].sum() / (p[yes].sum() + p[no].sum()))
+
+
+def danger_summary(doses: Sequence[int], p_yes: dict[str, list[float]]) -> dict[str, Any]:
+    """`danger`'s result from P(Yes) per dose of each drug (keys of `DANGER_DRUGS`)."""
+    out: dict[str, Any] = {"doses": list(doses)}
+    for key, _ in DANGER_DRUGS:
+        out[f"{key}_p_yes"] = p_yes[key]
+        out[f"{key}_spearman"] = float(spearmanr(doses, p_yes[key])[0])
     return out
 
 
@@ -186,14 +218,39 @@ def local(model, dirs: EmotionDirections, cfg: ProbeConfig = ProbeConfig()) -> d
     return out
 
 
+def probe_cells(cfg: ProbeConfig) -> list[tuple]:
+    """The independent units of `run_probes`: every (dose, phrasing) of the Tylenol probe, every
+    (drug, dose) of the danger judgment, the speaker probe and the locality probe."""
+    doses = range(len(cfg.doses))
+    return ([("tylenol", i, j) for i in doses for j in range(len(TYLENOL_TEMPLATES))]
+            + [("danger", key, i) for key, _ in DANGER_DRUGS for i in doses] + [("speaker",), ("local",)])
+
+
+def run_cell(model, dir_sets: Sequence[EmotionDirections], cfg: ProbeConfig, cell: tuple) -> Any:
+    """One `probe_cells` unit's result (JSON): the Tylenol probe reads every set, the others the first."""
+    if cell[0] == "tylenol":
+        return tylenol_cell(model, dir_sets, emotion_names(dir_sets, cfg), cfg.doses[cell[1]],
+                            TYLENOL_TEMPLATES[cell[2]])
+    if cell[0] == "danger":
+        return danger_p_yes(model, dict(DANGER_DRUGS)[cell[1]], cfg.doses[cell[2]])
+    return (speaker if cell[0] == "speaker" else local)(model, dir_sets[0], cfg)
+
+
 def run_probes(model, dirs: EmotionDirections, cfg: ProbeConfig = ProbeConfig(),
-               sae_dirs: EmotionDirections | None = None) -> dict[str, Any]:
+               sae_dirs: EmotionDirections | None = None, world: World = World()) -> dict[str, Any]:
     """All probes; the flat float entries are metrics, the rest are curves for plots. With
-    ``sae_dirs`` the Tylenol messages are also read with those directions ('sae_tylenol')."""
+    ``sae_dirs`` the Tylenol messages are also read with those directions ('sae_tylenol'). Under
+    `torchrun` (``world``) each rank runs every size-th of the `probe_cells` and every rank gets
+    all the results (the same as one process's)."""
     sets = [dirs] if sae_dirs is None else [dirs, sae_dirs]
-    tyl = tylenol_sets(model, sets, cfg)
-    out = {"tylenol": tyl[0], "speaker": speaker(model, dirs, cfg), "local": local(model, dirs, cfg),
-           "danger": danger(model, cfg)}
+    cells = probe_cells(cfg)
+    done = [[i, run_cell(model, sets, cfg, cells[i])] for i in world.mine(range(len(cells)))]
+    by_cell = {cells[i]: value for part in world.sync("probes", payload=done) for i, value in part}
+    names = emotion_names(sets, cfg)
+    tyl = tylenol_summary(cfg.doses, names, {cell[1:]: v for cell, v in by_cell.items() if cell[0] == "tylenol"})
+    out = {"tylenol": tyl[0], "speaker": by_cell[("speaker",)], "local": by_cell[("local",)],
+           "danger": danger_summary(cfg.doses, {key: [by_cell[("danger", key, i)] for i in range(len(cfg.doses))]
+                                                for key, _ in DANGER_DRUGS})}
     if sae_dirs is not None:
         out["sae_tylenol"] = tyl[1]
     return out

@@ -57,14 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     sae = sub.add_parser("sae", help="train, evaluate and inspect the SAE at the studied layer", parents=[common])
     ssub = sae.add_subparsers(dest="sae_command", required=True)
-    t = ssub.add_parser("train", help="train an SAE with SAELens on the corpus (resumable)", parents=[common])
+    t = ssub.add_parser("train", help="train an SAE (or several: --layers, --widths) with SAELens on the corpus "
+                        "(resumable)", parents=[common])
     t.add_argument("--config", help="run config YAML (model, corpus, tracking, sae.train)")
-    t.add_argument("--out", help="output directory (default: sae.train.out or runs/sae/<model>-L<layer>)")
+    t.add_argument("--out", help="output directory (default: sae.train.out or runs/sae/<model>-L<layer>; with "
+                   "--layers or --widths, sae.train.out or runs/sae/<model>, holding L<layer>-W<width>/ per SAE "
+                   "and summary.json)")
+    t.add_argument("--layers", nargs="+", metavar="L", help="train an SAE at each layer (default: model.layer); "
+                   "with --widths, one per (width, layer); under torchrun the SAEs are dealt to the ranks")
+    t.add_argument("--widths", nargs="+", metavar="W", help="train an SAE of each width (default: sae.train.width)")
     t.add_argument("--tokens", type=int, help="override sae.train.training_tokens")
-    t.add_argument("--device", help="override model.device (e.g. cuda)")
+    t.add_argument("--device", help="override model.device (e.g. cuda; under torchrun each rank takes cuda:LOCAL_RANK)")
     t.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
-    t.add_argument("--ship", help="also export the trained SAE here (bfloat16 weights)")
-    t.set_defaults(command_fn="cmd_sae_train")
+    t.add_argument("--ship", help="also export the trained SAE here (bfloat16 weights; with --layers or --widths, "
+                   "SHIP/L<layer>-W<width>)")
+    t.set_defaults(command_fn="cmd_sae_train", precheck=_sae_train_args)
     e = ssub.add_parser("eval", help="SAELens evals on the held-out corpus split", parents=[common])
     e.add_argument("--config", help="run config YAML (model, corpus, sae)")
     e.add_argument("--sae", help="SAE directory (default: the config's SAE)")
@@ -173,6 +180,18 @@ def _steer_args(args: argparse.Namespace) -> None:
     if args.emotion and not args.directions:
         raise UserError("--emotion needs --directions DIR (e.g. RUN/directions/dense): each emotion's direction "
                         "(or, with --method clamp, its SAE latents) comes from there.")
+
+
+def _sae_train_args(args: argparse.Namespace) -> None:
+    for flag, example in (("layers", "10 20"), ("widths", "4608 9216")):
+        numbers = []
+        for value in getattr(args, flag) or []:
+            try:
+                numbers.append(int(value))
+            except ValueError:
+                raise UserError(f"--{flag} {value}: expected whole numbers, e.g. --{flag} {example}.") from None
+        if numbers:
+            setattr(args, flag, numbers)
 
 
 def _run_exists(args: argparse.Namespace) -> None:

@@ -21,7 +21,7 @@ from ..corpus_import import import_corpus
 from ..directions import EmotionDirections
 from ..distributed import RankFailure, joined, rank_tag
 from ..errors import UserError, one_line
-from ..files import write_text
+from ..files import write_json, write_text
 from ..generation import Generator
 from ..geometry import analyze
 from ..models import load_hf, load_model, resolve_dtype, resolve_layer
@@ -30,7 +30,7 @@ from ..neutral import NEUTRAL_PROMPTS
 from ..report.geometry import save_plots
 from ..report.monitor import trace_page
 from ..report.page import build_report
-from ..sae import export_sae, load_sae, sae_info, shipped_sae_dir
+from ..sae import load_sae, sae_info, shipped_sae_dir
 from ..steering import parse_assignments, steer_prompts
 from .config import RunConfig, load_config
 from .layer_sweep import format_table, sweep_layers
@@ -38,7 +38,8 @@ from .pipeline import open_study, run_study
 from .preflight import (check_corpus, check_model, check_sae_config, check_steer, check_training_corpus,
                         check_values)
 from .reading import FinishedRun, format_readings, read_texts
-from .sae_stages import evaluate_run_sae, stage_sae, stage_sae_directions, stage_scores, train_run_sae
+from .sae_stages import evaluate_run_sae, stage_sae, stage_sae_directions, stage_scores
+from .sae_variants import plan_variants, train_variants, variants_dir, variants_summary
 from .stages import eval_data, report_directions, stage_activations, stage_dense, stage_emobank
 
 log = logging.getLogger("saefeatures")
@@ -133,10 +134,17 @@ def cmd_sae_train(args: argparse.Namespace) -> None:
     check_values(cfg)
     check_model(cfg)
     check_training_corpus(cfg)
-    result = train_run_sae(cfg, out_dir=args.out, resume=not args.no_resume)
-    if args.ship:
-        export_sae(result.sae_dir, args.ship)
-    _print({"sae_dir": str(result.sae_dir), **{k: v for k, v in result.info.items() if k != "loss_curve"}})
+    variants = plan_variants(cfg, args.layers, args.widths, args.out, args.ship)
+    with joined() as world:  # under torchrun the variants are dealt to the ranks
+        records = train_variants(cfg, variants, world, resume=not args.no_resume)
+    if not world.leader:
+        return
+    if args.layers is None and args.widths is None:  # the config's one SAE
+        _print(records[0])
+        return
+    summary = variants_summary(records)
+    write_json(variants_dir(cfg, args.out) / "summary.json", summary)
+    _print(summary)
 
 
 def cmd_sae_eval(args: argparse.Namespace) -> None:

@@ -10,8 +10,9 @@ recomputes one whose outputs are missing or corrupt, and an interrupted run resu
 recomputes replaces its metrics section and its figures.
 
 Under `torchrun` every rank runs `run_study`: the passes over the corpus (scoring and pooling,
-EmoBank) and the steering cells are split over the ranks; rank 0 runs the other stages, holds the
-lock and writes the run directory, metrics, report and wandb, while the others wait for it.
+EmoBank), the probes' cells and the steering cells are split over the ranks; rank 0 runs the other
+stages, holds the lock and writes the run directory, metrics, report and wandb, while the others
+wait for it.
 """
 
 from __future__ import annotations
@@ -145,9 +146,9 @@ def run_study(cfg: RunConfig, out: Path | str, config_path: str | None = None, m
             stage_reader(study, {"dense": dense, "sae": main})
             stage_cards(study, sae, scores, main, tracker)
             log_artifacts(study, sae, tracker)
+            world.sync("directions", payload=next(k for k, d in sae_dirs.items() if d is main))
             stage_probes(study, dense, main)
             stage_monitor(study, dense)
-            world.sync("directions", payload=next(k for k, d in sae_dirs.items() if d is main))
             stage_steering(study, {"dense": dense, "sae": main}, sae)
             path = stage_report(study, t0)
             tracker.log_metrics(study.run.metrics)
@@ -179,8 +180,9 @@ def follow_study(study: Study) -> None:
     stage_emobank(study)
     k = world.sync("directions", timeout_s=world.wait_s)[0]
     where = study.run.path / "directions"
-    stage_steering(study, {"dense": EmotionDirections.load(where / "dense"),
-                           "sae": EmotionDirections.load(where / f"sae-k{k}")}, sae)
+    dense, main = EmotionDirections.load(where / "dense"), EmotionDirections.load(where / f"sae-k{k}")
+    stage_probes(study, dense, main)
+    stage_steering(study, {"dense": dense, "sae": main}, sae)
     world.sync("done", timeout_s=world.wait_s)
 
 

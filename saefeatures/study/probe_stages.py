@@ -28,17 +28,23 @@ log = logging.getLogger(__name__)
 
 def stage_probes(study: Study, dense: EmotionDirections, sae_dirs: EmotionDirections | None = None) -> None:
     """The context probes on the dense directions (``probes.*``); the Tylenol probe also on the
-    SAE-assembled ones (``probes.sae_tylenol_*``)."""
+    SAE-assembled ones (``probes.sae_tylenol_*``). Every rank runs it: the probes' cells are split
+    over the ranks (`run_probes`), and rank 0 writes the results, metrics and figure."""
     import matplotlib.pyplot as plt
 
     figs = study.run.path / "figures" / "probes"
     key = key_of(study.model_key, directions_key(dense), None if sae_dirs is None else directions_key(sae_dirs),
                  to_dict(study.cfg.probes), N_RESAMPLES, SEED)
-    if study.run.reuse("probes", key, lambda: (read_json(figs / "probes.json"),
-                                               exists_or_raise(figs / "tylenol.png"))) is not None:
+    if reuse_together(study, "probes", key, lambda: (read_json(figs / "probes.json"),
+                                                     exists_or_raise(figs / "tylenol.png")),
+                      others=lambda: True) is not None:
+        return
+    if not study.world.leader:  # its share of the cells, handed to rank 0
+        study.run.current = "probes"  # the stage its failure names
+        run_probes(study.model, dense, study.cfg.probes, sae_dirs, study.world)
         return
     with study.run.stage("probes", key):
-        results = run_probes(study.model, dense, study.cfg.probes, sae_dirs)
+        results = run_probes(study.model, dense, study.cfg.probes, sae_dirs, study.world)
         write_json(fresh_dir(figs) / "probes.json", results)
         study.run.replace("probes", probe_metrics(results))
         fig = tylenol_figure(results["tylenol"], results["danger"])
@@ -115,6 +121,7 @@ def stage_steering(study: Study, dirs_by_recipe: dict[str, EmotionDirections], s
         log.info("steering: inputs unchanged, reusing %s", results)
         return reused
     if not study.world.leader:  # its share of the cells, handed to rank 0
+        study.run.current = "steering"  # the stage its failure names
         return run_steering_evals(study.model, dirs_by_recipe, sae, cfg, neutral or None, study.world)
     with study.run.stage("steering", key):
         shutil.rmtree(figures, ignore_errors=True)  # figures of emotions no longer configured go too

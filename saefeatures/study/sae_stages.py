@@ -224,9 +224,12 @@ def log_artifacts(study: Study, sae, tracker: Tracker) -> None:
 
 def default_out_dir(cfg: RunConfig, layer: int) -> Path:
     """Where `train_run_sae` writes when not told: sae.train.out, else runs/sae/<model>-L<layer>."""
-    name = cfg.model.name
-    short = Path(name).name if Path(name).exists() else name.split("/")[-1]
-    return Path(cfg.sae.train.out or f"runs/sae/{short}-L{layer}")
+    return Path(cfg.sae.train.out or f"runs/sae/{short_model_name(cfg.model.name)}-L{layer}")
+
+
+def short_model_name(name: str) -> str:
+    """A model's name without its hub owner or parent directories (for default output paths)."""
+    return Path(name).name if Path(name).exists() else name.split("/")[-1]
 
 
 def train_run_sae(cfg: RunConfig, out_dir: str | Path | None = None, model: Any = None, resume: bool = True,
