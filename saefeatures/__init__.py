@@ -85,7 +85,7 @@ def sae_directions(model: HookedTransformer, sae: SAE, dense: EmotionDirections,
     """Directions assembled from ``k`` SAE latents per emotion, chosen by how well they read the
     emotion on the train split of ``records`` (default: the shipped corpus) and aligned with ``dense``."""
     from .corpus import load_corpus
-    from .directions import SAERecipeConfig, build_sae
+    from .sae.assemble import SAERecipeConfig, build_sae
     from .sae import ScoringConfig, score_latents
 
     train = [r for r in (records if records is not None else load_corpus()) if r.split == "train"]

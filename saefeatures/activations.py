@@ -343,6 +343,7 @@ def collect_pooled(
     layers: Sequence[int] | None = None,
     desc: str = "activations",
     world: World = World(),
+    progress: bool = True,
 ) -> PooledActivations:
     """Pool activations of every record (objects with ``.id`` and ``.text``) at the chosen layers.
 
@@ -363,7 +364,7 @@ def collect_pooled(
     if store.done:
         log.info("%s: %d records already pooled in %s, %d to go", desc, len(store.done), out_dir, len(todo))
     run_model = with_dtype(model, cfg.dtype)
-    with tqdm(total=len(todo), desc=desc, unit="record", disable=len(todo) < 64) as bar:
+    with tqdm(total=len(todo), desc=desc, unit="record", disable=not progress or len(todo) < 64) as bar:
         # Batches are formed within each shard-sized chunk so a shard holds whole batches.
         for start in range(0, len(todo), cfg.shard_records):
             chunk = todo[start : start + cfg.shard_records]

@@ -2,18 +2,22 @@
 
 The dense recipe is the paper's: per-emotion mean of pooled activations minus the mean over
 emotions, with the top principal components of neutral texts (to 50% of their variance) projected
-out, unit norm, from the train split only. SAE-assembled directions (`sae.scoring`) use the
+out, unit norm, from the train split only. SAE-assembled directions (`sae.assemble`) use the
 same object and keep the latent ids and weights they were built from in ``latents``.
 
 Directions record how their activations were pooled (``metadata["pooling"]``: hook, layer, tokens
 kept and skipped, dtype) and keep a sample of neutral texts pooled the same way (``neutral``), so
 `EmotionDirections.read` pools new text as they were built and z-scores each projection against
 neutral text: raw projections carry a different offset per emotion, and the largest of them is
-not the emotion a text expresses (a neutral invoice sentence read top-1 'afraid').
+not the emotion a text expresses (a neutral invoice sentence read top-1 'afraid'). Given neutral
+texts, `read` calibrates each text against them cut to its own length: a one-line text pools
+early positions, whose offsets differ from a whole story's, and against whole neutral stories a
+short neutral sentence reads several SD high on some direction (scripts/bench_read_calibration.py).
 
 Example:
     >>> dirs = EmotionDirections.load("runs/smollm2/directions/dense")
     >>> dirs.read(model, ["I can't stop smiling today."])   # [{'happy': z vs neutral, ...}]
+    >>> dirs.read(model, ["I can't stop smiling today."], neutral_texts=neutral)   # z vs neutral of its length
     >>> dirs.read(model, ["I can't stop smiling today."], raw=True)   # raw projections
     >>> scores = dirs.project(acts)          # (n_records, n_emotions)
     >>> dirs.vector("afraid")                # (d_model,)
@@ -34,7 +38,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from . import emotions as emo
-from .activations import ActivationConfig, collect_pooled
+from .activations import ActivationConfig, collect_pooled, tokenize_texts
 from .errors import UserError
 from .files import save_safetensors, write_json
 from .hook_names import hook_name, parse
@@ -146,18 +150,44 @@ class EmotionDirections:
             acts = acts - self.center.to(acts.device)
         return acts @ self.vectors.to(acts.device).T
 
-    def read(self, model: HookedTransformer, texts: Sequence[str], raw: bool = False) -> list[dict[str, float]]:
+    def length_calibration(self, model: HookedTransformer, neutral_texts: Sequence[str],
+                           n_tokens: int) -> tuple[Float[Tensor, " n_emotions"], Float[Tensor, " n_emotions"]]:
+        """Mean and SD of each direction's projection over the ``neutral_texts`` at least
+        ``n_tokens`` long, each cut to its first ``n_tokens`` tokens and pooled as these directions
+        were built: the calibration of a text that pools to ``n_tokens`` tokens."""
+        lengths = [len(t) for t in tokenize_texts(model.tokenizer, neutral_texts, n_tokens)]
+        long_enough = [t for t, n in zip(neutral_texts, lengths) if n >= n_tokens]
+        if len(long_enough) < 2:
+            raise UserError(f"{len(long_enough)} of the {len(neutral_texts)} neutral texts have {n_tokens} tokens "
+                            "or more: calibrating a text needs at least two neutral texts as long as it; give "
+                            "longer neutral texts, or read without them (the directions' neutral sample).")
+        layer, _ = parse(self.hook) or (self.layer, DEFAULT_POOLING.hook)
+        rows = [_Text(f"neutral {i}", t) for i, t in enumerate(long_enough)]
+        cut = replace(self.pooling, max_tokens=n_tokens)
+        proj = self.project(collect_pooled(model, rows, cut, layers=[layer], progress=False)[self.hook])
+        return proj.mean(0), proj.std(0).clamp(min=1e-6)
+
+    def read(self, model: HookedTransformer, texts: Sequence[str], raw: bool = False,
+             neutral_texts: Sequence[str] | None = None) -> list[dict[str, float]]:
         """Emotion scores of plain texts, pooled as the directions were built (`pooling`): each
-        projection as a z-score against the neutral sample (`calibration`), or, with ``raw``, the
-        projection itself.
+        projection as a z-score against neutral text, or, with ``raw``, the projection itself.
+        With ``neutral_texts``, each text is z-scored against them cut to its own token length
+        (`length_calibration`, one pass per distinct length); without, against the directions'
+        neutral sample (`calibration`), pooled from whole texts.
 
         Example:
             >>> dirs.read(model, ["I can't stop smiling today.", "The bus leaves at nine."])[0]["happy"]
         """
         proj = self.project(self.pool(model, texts))
-        if not raw:
+        if not raw and neutral_texts is None:
             mean, std = self.calibration()
             proj = (proj - mean) / std
+        elif not raw:
+            lengths = [len(t) for t in tokenize_texts(model.tokenizer, texts, self.pooling.max_tokens)]
+            for n in sorted(set(lengths)):
+                rows = [i for i, length in enumerate(lengths) if length == n]
+                mean, std = self.length_calibration(model, neutral_texts, n)
+                proj[rows] = (proj[rows] - mean) / std
         return [dict(zip(self.names, row)) for row in proj.tolist()]
 
     def subset(self, names: Sequence[str]) -> "EmotionDirections":
@@ -276,100 +306,3 @@ def neutral_sample(neutral: Float[Tensor, "n d_model"], size: int = 256) -> Floa
 def pooling_record(cfg: ActivationConfig, hook: str, layer: int) -> dict[str, Any]:
     """What ``metadata["pooling"]`` records: the hook and layer read, and `POOLING_FIELDS` of ``cfg``."""
     return {"hook": hook, "layer": layer, **{k: getattr(cfg, k) for k in POOLING_FIELDS}}
-
-
-@dataclass
-class SAERecipeConfig:
-    """How SAE-assembled directions pick and weight latents."""
-
-    ks: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
-    """Latents per emotion; one direction set per k."""
-    rank_by: str = "auroc"
-    """Score that orders candidates: 'auroc', 'cohens_d', 'mean_diff' or 'output'."""
-    min_cohens_d: float = 0.2
-    """Minimum selectivity: Cohen's d vs the other emotions (a positive mean difference is required)."""
-    output_filter: bool = False
-    """Keep only latents whose clamping raises the emotion's own words (output score > 0)."""
-    weighting: str = "lstsq"
-    """'lstsq': non-negative least squares of decoder vectors onto the dense direction; 'score': by Cohen's d."""
-
-
-RANKS = ("auroc", "cohens_d", "mean_diff", "output")
-WEIGHTINGS = ("lstsq", "score")
-
-
-def select_latents(scores, name: str, k: int, cfg: SAERecipeConfig,
-                   output: Tensor | None = None) -> list[int]:
-    """Top-k latents of one emotion by ``cfg.rank_by`` among those passing the selectivity filters
-    (if none pass, the single best by rank)."""
-    if cfg.rank_by not in RANKS:
-        raise ValueError(f"rank_by must be one of {RANKS}, got '{cfg.rank_by}'.")
-    i = scores.index(name)
-    d, diff = scores.cohens_d()[i], scores.mean_diff()[i]
-    if cfg.rank_by == "output":
-        if output is None:
-            raise ValueError("rank_by='output' needs output scores (sae.effects.output_scores).")
-        rank = output
-    else:
-        rank = {"auroc": scores.auroc, "cohens_d": scores.cohens_d, "mean_diff": scores.mean_diff}[cfg.rank_by]()[i]
-    rank = rank + 1e-6 * d  # ties (common for AUROC) broken by effect size
-    ok = (diff > 0) & (d >= cfg.min_cohens_d)
-    if cfg.output_filter:
-        if output is None:
-            raise ValueError("output_filter needs output scores (sae.effects.output_scores).")
-        ok &= output > 0
-    ranked = torch.argsort(torch.where(ok, rank, torch.full_like(rank, -torch.inf)), descending=True)
-    chosen = [int(j) for j in ranked[: min(k, int(ok.sum()))]]
-    return chosen or [int(torch.argmax(rank))]
-
-
-def latent_weights(decoder: Float[Tensor, "k d_model"], target: Tensor | None, effect: Tensor,
-                   weighting: str) -> Tensor:
-    """Weights of selected latents: NNLS fit of their decoder vectors to ``target``, or by effect size."""
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got '{weighting}'.")
-    if weighting == "lstsq" and target is not None:
-        from scipy.optimize import nnls
-
-        w, _ = nnls(decoder.double().T.numpy(), target.double().numpy())
-        if w.sum() > 0:
-            return torch.tensor(w / w.sum(), dtype=torch.float32)
-    w = effect.clamp(min=1e-6).float()
-    return w / w.sum()
-
-
-def build_sae(scores, W_dec: Float[Tensor, "d_sae d_model"], k: int, layer: int,
-              dense: EmotionDirections | None = None, cfg: SAERecipeConfig = SAERecipeConfig(),
-              output_scores: Tensor | None = None) -> EmotionDirections:
-    """Per emotion: select k latents, weight them, sum their decoder vectors (unit norm).
-
-    ``output_scores`` is (n_emotions_scored, d_sae) in the order of ``scores.classes`` (as
-    `sae.effects.output_scores` returns), used by rank_by='output' and output_filter.
-    """
-    if dense is not None and dense.d_model != W_dec.shape[1]:
-        raise ValueError(f"SAE decoder width {W_dec.shape[1]} != directions d_model {dense.d_model}: "
-                         "the SAE must read the same model and layer as the dense directions.")
-    if dense is not None and dense.layer != layer:
-        raise ValueError(f"SAE layer {layer} != dense directions layer {dense.layer}; use an SAE at layer {dense.layer}.")
-    names = [c for c in scores.classes if c != "neutral"]
-    vectors, latents = [], {}
-    W = W_dec.detach().float().cpu()
-    for name in names:
-        out_row = output_scores[scores.index(name)] if output_scores is not None else None
-        ids = select_latents(scores, name, k, cfg, out_row)
-        target = dense.vector(name) if dense is not None and name in dense.names else None
-        effect = scores.cohens_d()[scores.index(name)][ids]
-        w = latent_weights(W[ids], target, effect, cfg.weighting)
-        v = (w[:, None] * W[ids]).sum(0)
-        vectors.append(v / v.norm().clamp(min=1e-8))
-        latents[name] = [(i, float(x)) for i, x in zip(ids, w)]
-    pooling = replace(DEFAULT_POOLING, **{k: v for k, v in getattr(scores, "pooling", {}).items()
-                                          if k in POOLING_FIELDS})
-    return EmotionDirections(names, layer, torch.stack(vectors), scores.hook, f"sae-k{k}",
-                             dense.center if dense is not None else None, latents,
-                             metadata={"k": k, "rank_by": cfg.rank_by, "weighting": cfg.weighting,
-                                       "min_cohens_d": cfg.min_cohens_d, "output_filter": cfg.output_filter,
-                                       "pooling": pooling_record(pooling, scores.hook, layer),
-                                       **({"calibration": dense.metadata["calibration"]}
-                                          if dense is not None and "calibration" in dense.metadata else {})},
-                             neutral=dense.neutral if dense is not None and dense.hook == scores.hook else None)

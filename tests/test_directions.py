@@ -105,6 +105,38 @@ def test_pooling_and_neutral_sample_are_saved_and_older_directories_load_with_de
         old.calibration()
 
 
+def test_a_text_is_calibrated_against_neutral_text_cut_to_its_length(model):
+    """read(neutral_texts=...) z-scores each text against the neutral texts cut to its own token
+    length and pooled the same way (computed here by hand); texts of different lengths get their
+    own calibration; too few neutral texts that long is a clear error."""
+    g = torch.Generator().manual_seed(1)
+    names = ["happy", "afraid", "calm"]
+    vectors = torch.nn.functional.normalize(torch.randn(3, 576, generator=g), dim=1)
+    pooling = {"hook": "blocks.6.hook_resid_post", "layer": 6, "max_tokens": 12, "skip_first": 3, "dtype": "float32"}
+    dirs = EmotionDirections(names, 6, vectors, metadata={"pooling": pooling})
+    neutral = ["The train to the airport leaves every twenty minutes from platform three on weekdays.",
+               "A standard sheet of A4 paper measures 210 by 297 millimetres, about eight by twelve inches.",
+               "The library opens at nine and closes at six on weekdays, and at noon on Saturdays.",
+               "Water boils at one hundred degrees Celsius at sea level under normal pressure."]
+    short, long_ = "The kettle boiled at last.", "She read the letter twice, then called her sister and laughed."
+
+    def pooled(text: str, n: int) -> torch.Tensor:
+        ids = model.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :n]
+        _, cache = model.run_with_cache(ids, names_filter="blocks.6.hook_resid_post")
+        start = min(max(n // 2, 1), 1 + 3)
+        return cache["blocks.6.hook_resid_post"][0, start:n].mean(0)
+
+    z_short, z_long = dirs.read(model, [short, long_], neutral_texts=neutral)
+    for text, z in ((short, z_short), (long_, z_long)):
+        n = min(12, len(model.tokenizer(text, add_special_tokens=False).input_ids))
+        proj = torch.stack([dirs.project(pooled(t, n)) for t in neutral])
+        mean, std = proj.mean(0), proj.std(0)
+        assert [z[k] for k in names] == pytest.approx(((dirs.project(pooled(text, n)) - mean) / std).tolist(),
+                                                      abs=1e-2)
+    with pytest.raises(UserError, match="1 of the 2 neutral texts have 12 tokens or more"):
+        dirs.read(model, [long_], neutral_texts=[neutral[0], "Rain."])
+
+
 def test_reading_pools_as_the_directions_were_built_and_calibrates_against_neutral(model):
     """read() pools with the recorded skip_first/max_tokens (not ActivationConfig's defaults) and
     z-scores against the neutral sample; raw=True gives the projections."""

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 import yaml
 from conftest import dtype_tolerance
 
@@ -41,10 +42,12 @@ def test_read_is_calibrated_and_leaves_the_run_as_it_is(small_run, session_model
     raw = json.loads(capsys.readouterr().out)
     assert snapshot(out) == before
     assert calibrated["unit"] == "z vs neutral text" and raw["unit"] == "raw projection"
+    assert calibrated["calibration"] == "neutral texts of the run's corpus, cut to each text's length"
     invoice, afraid = calibrated["texts"]
     assert set(invoice) == {"text", "dense", "sae"} and len(invoice["dense"]["top"]) == 3
     sae = EmotionDirections.load(out / "directions" / "sae")
-    mean, std = sae.calibration()
+    n = len(session_model.tokenizer(AFRAID, add_special_tokens=False).input_ids)
+    mean, std = sae.length_calibration(session_model, reading.FinishedRun.open(out).neutral_texts(), n)
     i = sae.names.index("afraid")
     assert raw["texts"][1]["sae"]["scores"]["afraid"] == pytest.approx(
         afraid["sae"]["scores"]["afraid"] * float(std[i]) + float(mean[i]), abs=1e-2)
@@ -54,7 +57,7 @@ def test_read_is_calibrated_and_leaves_the_run_as_it_is(small_run, session_model
     assert afraid["sae"]["scores"]["afraid"] > invoice["sae"]["scores"]["afraid"] + 3
     cli.main(["read", INVOICE, "--run", str(out)])
     text = capsys.readouterr().out
-    assert text.startswith(repr(INVOICE)) and "(z vs neutral text)" in text and "  sae " in text
+    assert text.startswith(repr(INVOICE)) and "(z vs neutral text of its length)" in text and "  sae " in text
 
 
 def test_read_calibrates_directions_saved_without_a_neutral_sample(small_run, session_model, tmp_path, capsys):
@@ -80,6 +83,25 @@ def test_read_calibrates_directions_saved_without_a_neutral_sample(small_run, se
     with pytest.raises(SystemExit) as exit_:
         cli.main(["read", AFRAID, "--directions", str(copy / "directions" / "dense")])
     assert exit_.value.code == 2 and "no neutral sample" in capsys.readouterr().err
+
+
+def test_read_without_the_runs_corpus_calibrates_on_the_directions_sample(small_run, session_model, tmp_path,
+                                                                          capsys):
+    """With the run's corpus gone, `read` z-scores against the neutral sample the directions keep."""
+    _, out, _ = small_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, symlinks=True)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["corpus"]["path"] = str(tmp_path / "gone.jsonl")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    cli.main(["read", AFRAID, "--run", str(copy), "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert res["calibration"] == "the directions' neutral sample"
+    sae = EmotionDirections.load(copy / "directions" / "sae")
+    mean, std = sae.calibration()
+    raw = torch.tensor([sae.read(session_model, [AFRAID], raw=True)[0][n] for n in sae.names])
+    z = res["texts"][0]["sae"]["scores"]
+    assert [z[n] for n in sae.names] == pytest.approx(((raw - mean) / std).tolist(), abs=1e-2)
 
 
 def test_monitor_writes_a_token_trace_and_leaves_the_run_as_it_is(small_run, session_model, tmp_path, capsys):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from saefeatures.activations import ActivationConfig
-from saefeatures.directions import EmotionDirections, SAERecipeConfig, build_sae, select_latents
+from saefeatures.directions import EmotionDirections
+from saefeatures.sae.assemble import SAERecipeConfig, build_sae, select_latents
 from saefeatures.evals.detection import auroc
 from saefeatures.sae.scoring import LatentScores, ScoreAccumulator, ScoringConfig, score_latents
 

@@ -287,13 +287,21 @@ def _model_for(run: FinishedRun | None, sets: dict[str, EmotionDirections]):
 def cmd_read(args: argparse.Namespace) -> None:
     run, sets = _reading_source(args, calibrated=not args.raw)
     model = _model_for(run, sets)
+    neutral = None
     if run is not None and not args.raw:
-        sets = run.calibrate(model, sets)
-    rows = read_texts(model, sets, args.texts, top=args.top, raw=args.raw)
+        if run.corpus_file.is_file():
+            neutral = run.neutral_texts()
+        else:  # the directions' own neutral samples (present: `_reading_source` checked), from whole texts
+            log.warning("the run's corpus %s is gone: calibrating on the directions' neutral sample, not on "
+                        "neutral text of each text's length", run.corpus_file)
+    rows = read_texts(model, sets, args.texts, top=args.top, raw=args.raw, neutral_texts=neutral)
+    unit = "raw projection" if args.raw else "z vs neutral text"
     if args.json:
-        _print({"unit": "raw projection" if args.raw else "z vs neutral text", "texts": rows})
+        calibration = None if args.raw else ("neutral texts of the run's corpus, cut to each text's length"
+                                             if neutral else "the directions' neutral sample")
+        _print({"unit": unit, "calibration": calibration, "texts": rows})
     else:
-        print(format_readings(rows, list(sets), args.raw))
+        print(format_readings(rows, list(sets), unit if neutral is None else "z vs neutral text of its length"))
 
 
 def cmd_monitor(args: argparse.Namespace) -> None:

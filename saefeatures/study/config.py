@@ -17,11 +17,12 @@ import yaml
 
 from ..activations import ActivationConfig
 from ..corpus_build import CorpusConfig
-from ..directions import DirectionConfig, SAERecipeConfig
+from ..directions import DirectionConfig
 from ..errors import ConfigError
 from ..evals.probes import ProbeConfig
 from ..evals.steering import SteeringConfig
 from ..evals.suite import EvalConfig
+from ..sae.assemble import SAERecipeConfig
 from ..sae.config import SAEConfig
 from ..sae.scoring import POOLING_FIELDS, ScoringConfig
 

@@ -10,12 +10,11 @@ Example:
     >>> run = FinishedRun.open("runs/smollm2-135m")
     >>> sets = run.direction_sets()
     >>> model = run.load_model()
-    >>> read_texts(model, run.calibrate(model, sets), ["The invoice is attached."])[0]["dense"]["top"]
+    >>> read_texts(model, sets, ["The invoice is attached."], neutral_texts=run.neutral_texts())[0]["dense"]["top"]
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,6 @@ from ..monitor import Calibration, calibrate
 from .config import RunConfig, from_dict
 from .preflight import corpus_path
 from .rundir import RunDir
-
-log = logging.getLogger(__name__)
 
 SETS = ("dense", "sae")
 """The direction sets a run keeps under ``directions/``: dense, and SAE-assembled at the main k."""
@@ -70,9 +67,13 @@ class FinishedRun:
         return replace(dirs, metadata={**dirs.metadata,
                                        "pooling": pooling_record(self.cfg.activations, dirs.hook, dirs.layer)})
 
+    @property
+    def corpus_file(self) -> Path:
+        return Path((self.manifest.get("corpus") or {}).get("path") or corpus_path(self.cfg))
+
     def neutral_texts(self) -> list[str]:
-        """The neutral texts of the run's evaluation split (what its monitor calibrates on)."""
-        path = Path((self.manifest.get("corpus") or {}).get("path") or corpus_path(self.cfg))
+        """The neutral texts of the run's evaluation split (what its monitor and `read` calibrate on)."""
+        path = self.corpus_file
         if not path.is_file():
             raise UserError(f"The run's corpus {path} is gone, and its directions carry no neutral sample to "
                             "calibrate against: restore the corpus, or read raw projections (--raw).")
@@ -81,24 +82,6 @@ class FinishedRun:
 
     def needs_neutral(self, sets: dict[str, EmotionDirections]) -> bool:
         return any(d.neutral is None for d in sets.values())
-
-    def calibrate(self, model, sets: dict[str, EmotionDirections]) -> dict[str, EmotionDirections]:
-        """``sets`` each with a neutral sample: their own, else the run's neutral texts pooled now."""
-        if not self.needs_neutral(sets):
-            return sets
-        texts = self.neutral_texts()
-        log.info("calibrating on %d neutral %s texts of the run's corpus (directions saved without a neutral "
-                 "sample)", len(texts), self.cfg.evals.split)
-        pooled = {}
-        out = {}
-        for name, d in sets.items():
-            if d.neutral is not None:
-                out[name] = d
-                continue
-            how = (d.hook, repr(d.pooling))  # sets pooled alike share one pass
-            pooled.setdefault(how, d.calibrated(model, texts).neutral)
-            out[name] = replace(d, neutral=pooled[how])
-        return out
 
     def monitor_calibration(self, model, dense: EmotionDirections) -> Calibration:
         """The token-level calibration the run's monitor saved, else one computed now (not saved)."""
@@ -113,20 +96,20 @@ class FinishedRun:
 
 
 def read_texts(model, sets: dict[str, EmotionDirections], texts: list[str], top: int = 3,
-               raw: bool = False) -> list[dict[str, Any]]:
-    """Per text, per direction set: its ``top`` emotions and every score (z vs neutral, or raw)."""
+               raw: bool = False, neutral_texts: list[str] | None = None) -> list[dict[str, Any]]:
+    """Per text, per direction set: its ``top`` emotions and every score (z vs neutral, or raw;
+    with ``neutral_texts``, z vs them cut to the text's length: `EmotionDirections.read`)."""
     out: list[dict[str, Any]] = [{"text": t} for t in texts]
     for name, dirs in sets.items():
-        for row, scores in zip(out, dirs.read(model, texts, raw=raw)):
+        for row, scores in zip(out, dirs.read(model, texts, raw=raw, neutral_texts=neutral_texts)):
             ranked = sorted(scores.items(), key=lambda kv: -kv[1])
             row[name] = {"top": [[n, round(v, 3)] for n, v in ranked[:top]],
                          "scores": {n: round(v, 4) for n, v in scores.items()}}
     return out
 
 
-def format_readings(rows: list[dict[str, Any]], sets: list[str], raw: bool = False) -> str:
+def format_readings(rows: list[dict[str, Any]], sets: list[str], unit: str) -> str:
     """The human-readable form of `read_texts`: each text, then one line of top emotions per set."""
-    unit = "raw projection" if raw else "z vs neutral text"
     lines = []
     for row in rows:
         lines.append(repr(row["text"]))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..corpus import DEFAULT_CORPUS, load_corpus
-from ..directions import EmotionDirections, build_sae
+from ..directions import EmotionDirections
 from ..evals.suite import EvalData
 from ..feature_cards import build_cards, build_latent_table, load_cards
 from ..files import load_safetensors, read_json, save_safetensors, write_json, write_text
@@ -29,6 +29,7 @@ from ..models import load_model, model_identity, resolve_layer
 from ..report.cards import cards_page
 from ..sae import (LatentScores, SAEConfig, SAEEvals, evaluate_sae, load_sae, sae_fingerprint, score_latents,
                    shipped_sae_dir, train_sae)
+from ..sae.assemble import build_sae
 from ..sae.data import held_out_texts
 from ..sae.effects import output_scores
 from ..sae.train import TrainResult, finished
