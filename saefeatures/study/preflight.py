@@ -23,13 +23,14 @@ from transformer_lens.loading_from_pretrained import get_official_model_name
 
 from .. import emotions as emo
 from ..corpus import DEFAULT_CORPUS, KINDS, NON_EMOTION, CorpusRecord, check_labels, check_splits, load_corpus
-from ..directions import RANKS, WEIGHTINGS, EmotionDirections
+from ..directions import EmotionDirections
 from ..errors import ConfigError, UserError
 from ..evals.dose_response import check_strengths
 from ..hook_names import hook_name
 from ..model_cache import EMBEDDED_NAME, ModelLoadError, embedded_model_file
 from ..models import known_shape, resolve_layer
 from ..prompts import SPLITS
+from ..sae.assemble import RANKS, WEIGHTINGS
 from ..sae.config import ARCHITECTURES, SOURCES
 from ..sae.load import check_sae_files, shipped_sae_dir
 from ..steering import OPS, POSITIONS, SteeringError, SteeringSpec
