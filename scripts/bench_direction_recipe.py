@@ -1,0 +1,72 @@
+"""Which layer and how much neutral variance to project out, judged by the reader test (issue 14).
+
+The dense recipe (`saefeatures.directions.build_dense`) at each layer a finished run pooled (its
+layer sweep) and for several ``neutral_variance`` values (the paper: 0.5), built from the run's
+train split, reads an external story set in the paper's format (default emotion-vector-bench) as
+`saefeatures.evals.reader` does: 19-way top-1, top-3, mean AUROC. No story of the set is used to
+build anything. The run's pooled corpus activations are reused; the set's stories are pooled once
+at every layer (cached under ``--work``).
+
+    python scripts/bench_direction_recipe.py [--run runs/smollm2-135m] \
+        [--stories ../shared/data/emotion-vector-bench/stories] [--per-emotion 25] \
+        [--variances 0 0.25 0.5 0.75 0.9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from pathlib import Path
+
+import torch
+
+from saefeatures.activations import PooledActivations, collect_pooled
+from saefeatures.corpus import load_corpus
+from saefeatures.corpus_import import cap_per_emotion, read_story_set
+from saefeatures.directions import DirectionConfig, build_dense
+from saefeatures.evals.reader import score_reading
+from saefeatures.hook_names import parse
+from saefeatures.study.reading import FinishedRun
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", default="runs/smollm2-135m")
+    ap.add_argument("--stories", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"
+                                             / "emotion-vector-bench" / "stories"))
+    ap.add_argument("--per-emotion", type=int, default=25)
+    ap.add_argument("--variances", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 0.9])
+    ap.add_argument("--work", default="runs/bench-direction-recipe")
+    args = ap.parse_args()
+
+    run = FinishedRun.open(args.run)
+    corpus_dir = next((run.path / "activations").glob("corpus-L*"))
+    acts = PooledActivations.load(corpus_dir)
+    hooks = sorted(acts.acts, key=lambda h: parse(h)[0])
+    layers = [parse(h)[0] for h in hooks]
+    records = [r for r in load_corpus(run.corpus_file) if r.id in set(acts.ids)]
+    train = [r for r in records if r.split == "train" and r.emotion != "neutral"]  # as stage_dense
+    neutral = [r for r in records if r.split == "train" and r.emotion == "neutral"]
+    model = run.load_model()
+    cfg = run.cfg.activations  # the run's pooling
+    stories = cap_per_emotion(read_story_set(args.stories), args.per_emotion)
+    stories = [s for s in stories if s.emotion in {r.emotion for r in train}]
+    pooled = collect_pooled(model, stories, cfg, Path(args.work) / "stories", layers=layers, desc="stories")
+    known = sorted({s.emotion for s in stories})
+    print(f"# run {args.run} ({len(train)} train stories, {len(neutral)} neutral); {len(stories)} stories of "
+          f"{args.stories}, {len(known)} emotions (chance top-1 {1 / len(known):.3f}); "
+          f"{platform.machine()}, torch threads {torch.get_num_threads()}")
+    print(f"{'layer':>5} {'neutral var':>11} {'PCs':>4} {'top1':>6} {'top3':>6} {'AUROC':>6}")
+    for hook, layer in zip(hooks, layers):
+        x = acts.subset([r.id for r in train])[hook]
+        n = acts.subset([r.id for r in neutral])[hook]
+        for v in args.variances:
+            dirs = build_dense(x, [r.emotion for r in train], n, layer, DirectionConfig(neutral_variance=v), hook)
+            scores = dirs.subset(known).project(pooled[hook]).numpy()
+            res = score_reading(scores, [s.emotion for s in stories], known)
+            print(f"{layer:5d} {v:11.2f} {dirs.metadata['neutral_pcs']:4d} {res.top1:6.3f} {res.top3:6.3f} "
+                  f"{res.auroc:6.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
