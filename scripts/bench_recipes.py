@@ -13,9 +13,10 @@ emotion among the 171 words), dense DiffMean directions are built (neutral: 120 
 texts of the shipped corpus) and read the external stories (``--bench-per-topic`` of each emotion
 and topic), z-scored per direction as `saefeatures.evals.reader` does.
 
-Rows besides the generated recipes: the shipped corpus (paper prompt, banned words) with 8, 16 (its
-train split) and all ~24 stories per emotion; recognition and near-duplicate filters; ten templated
-one-line sentences per emotion naming it (a reference, not model-written); mixes.
+Rows besides the generated recipes: the shipped corpus with 8, 16 (its train split) and all ~24
+stories per emotion; recognition and near-duplicate filters; the shipped stories plus each recipe's
+(more per emotion); ten templated one-line sentences per emotion naming it (a reference, not
+model-written); mixes.
 Everything computed is cached under --work (JSON texts, safetensors activations): a rerun
 resumes generation at the first unfinished chunk and only prints once all is there.
 """
@@ -241,7 +242,7 @@ def main() -> None:
         rows.append((label, len(idx), f"{len(idx)}/{len(labels)}", mean,
                      f"sd over draws: top1 {sd['top1']:.3f}, AUROC {sd['auroc']:.3f}"))
 
-    # shipped corpus (paper prompt, banned words)
+    # the shipped corpus
     s_lab = [r.emotion for r in shipped]
     first8, seen = [], {}
     for i, r in enumerate(shipped):
@@ -251,9 +252,9 @@ def main() -> None:
     train = [i for i, r in enumerate(shipped) if r.split == "train"]
     if S:
         sel = lambda idx: (S["pooled"][idx], [s_lab[i] for i in idx])  # noqa: E731
-        evaluate("shipped paper, 8/emotion (train)", *sel(first8), note="baseline")
-        evaluate("shipped paper, train (~16/emotion)", *sel(train))
-        evaluate("shipped paper, all splits (~24/emotion)", *sel(list(range(len(shipped)))))
+        evaluate("shipped, 8/emotion (train)", *sel(first8), note="baseline")
+        evaluate("shipped, train (~16/emotion)", *sel(train))
+        evaluate("shipped, all splits (~24/emotion)", *sel(list(range(len(shipped)))))
         ranks = S["rank"]
         for k in (3, 10, 30):
             idx = [i for i in range(len(shipped)) if ranks[i] <= k]
@@ -304,6 +305,9 @@ def main() -> None:
                 evaluate(f"{a} + {b}", torch.cat([ra["pooled"], rb["pooled"]]),
                          [i["emotion"] for i in ia] + [i["emotion"] for i in ib])
     if S:
+        for rname, (items, r) in G.items():  # the shipped stories and this recipe's: more per emotion
+            evaluate(f"shipped all + {rname} ({len(items) // len(names)}/emotion more)",
+                     torch.cat([S["pooled"], r["pooled"]]), s_lab + [i["emotion"] for i in items])
         for b in mix:
             ib, rb = G[b]
             evaluate(f"shipped 8/emotion + {b}", torch.cat([S["pooled"][first8], rb["pooled"]]),
