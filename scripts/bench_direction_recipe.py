@@ -3,13 +3,15 @@
 The dense recipe (`saefeatures.directions.build_dense`) at each layer a finished run pooled (its
 layer sweep) and for several ``neutral_variance`` values (the paper: 0.5), built from the run's
 train split, reads an external story set in the paper's format (default emotion-vector-bench) as
-`saefeatures.evals.reader` does: 19-way top-1, top-3, mean AUROC. No story of the set is used to
+`saefeatures.evals.reader` does: 19-way top-1, top-3, mean AUROC. For contrast, rows 'lda': class
+means whitened by the shrunk within-class covariance (``--shrinkage``, towards a scaled identity)
+instead of the neutral projection. No story of the set is used to
 build anything. The run's pooled corpus activations are reused; the set's stories are pooled once
 at every layer (cached under ``--work``).
 
     python scripts/bench_direction_recipe.py [--run runs/smollm2-135m] \
         [--stories ../shared/data/emotion-vector-bench/stories] [--per-emotion 25] \
-        [--variances 0 0.25 0.5 0.75 0.9]
+        [--variances 0 0.25 0.5 0.75 0.9] [--shrinkage 0.3 0.6 0.9]
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def main() -> None:
                                              / "emotion-vector-bench" / "stories"))
     ap.add_argument("--per-emotion", type=int, default=25)
     ap.add_argument("--variances", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 0.9])
+    ap.add_argument("--shrinkage", type=float, nargs="+", default=[0.3, 0.6, 0.9])
     ap.add_argument("--work", default="runs/bench-direction-recipe")
     args = ap.parse_args()
 
@@ -56,16 +59,37 @@ def main() -> None:
     print(f"# run {args.run} ({len(train)} train stories, {len(neutral)} neutral); {len(stories)} stories of "
           f"{args.stories}, {len(known)} emotions (chance top-1 {1 / len(known):.3f}); "
           f"{platform.machine()}, torch threads {torch.get_num_threads()}")
-    print(f"{'layer':>5} {'neutral var':>11} {'PCs':>4} {'top1':>6} {'top3':>6} {'AUROC':>6}")
+    print(f"{'layer':>5} {'recipe':>6} {'param':>6} {'PCs':>4} {'top1':>6} {'top3':>6} {'AUROC':>6}")
+    labels = [r.emotion for r in train]
     for hook, layer in zip(hooks, layers):
         x = acts.subset([r.id for r in train])[hook]
         n = acts.subset([r.id for r in neutral])[hook]
         for v in args.variances:
-            dirs = build_dense(x, [r.emotion for r in train], n, layer, DirectionConfig(neutral_variance=v), hook)
+            dirs = build_dense(x, labels, n, layer, DirectionConfig(neutral_variance=v), hook)
             scores = dirs.subset(known).project(pooled[hook]).numpy()
             res = score_reading(scores, [s.emotion for s in stories], known)
-            print(f"{layer:5d} {v:11.2f} {dirs.metadata['neutral_pcs']:4d} {res.top1:6.3f} {res.top3:6.3f} "
+            print(f"{layer:5d} {'dense':>6} {v:6.2f} {dirs.metadata['neutral_pcs']:4d} {res.top1:6.3f} {res.top3:6.3f} "
                   f"{res.auroc:6.3f}", flush=True)
+        for lam in args.shrinkage:
+            means, grand, vectors = lda_directions(x.double(), labels, lam)
+            scores = ((pooled[hook].double() - grand) @ vectors[[means.index(e) for e in known]].T).numpy()
+            res = score_reading(scores, [s.emotion for s in stories], known)
+            print(f"{layer:5d} {'lda':>6} {lam:6.2f} {'-':>4} {res.top1:6.3f} {res.top3:6.3f} {res.auroc:6.3f}",
+                  flush=True)
+
+
+def lda_directions(x: torch.Tensor, labels: list[str], shrinkage: float) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Class names, the mean of the class means, and per class its mean minus that, whitened by the
+    within-class covariance shrunk towards a scaled identity (unit norm)."""
+    names = sorted(set(labels))
+    y = torch.tensor([names.index(label) for label in labels])
+    means = torch.zeros(len(names), x.shape[1], dtype=x.dtype).index_add_(0, y, x) / torch.bincount(y)[:, None]
+    grand = means.mean(0)
+    within = x - means[y]
+    cov = within.T @ within / len(x)
+    cov = (1 - shrinkage) * cov + shrinkage * cov.diagonal().mean() * torch.eye(len(cov), dtype=x.dtype)
+    vectors = torch.linalg.solve(cov, (means - grand).T).T
+    return names, grand, vectors / vectors.norm(dim=1, keepdim=True)
 
 
 if __name__ == "__main__":
