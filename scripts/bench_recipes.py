@@ -2,7 +2,7 @@
 
     python scripts/bench_recipes.py [--stories ../shared/data/emotion-vector-bench/stories] \
         [--work runs/bench-recipes] [--per-emotion 8] [--recipes say,prefill,cause,diary] \
-        [--bench-per-topic 2] [--report-only]
+        [--bench-per-topic 2] [--temperature 0.8] [--report-only]
 
 For the emotions of the external story set that are among the 171 (19 for emotion-vector-bench),
 each recipe (`saefeatures.recipes`) writes ``--per-emotion`` texts per emotion on the same training
@@ -105,6 +105,8 @@ def main() -> None:
     p.add_argument("--recipes", default="say,prefill,cause,diary")
     p.add_argument("--bench-per-topic", type=int, default=2)
     p.add_argument("--chunk", type=int, default=64, help="prompts generated together")
+    p.add_argument("--temperature", type=float, default=GenerationConfig.temperature,
+                   help="sampling temperature of the generated recipes (use a fresh --work per value)")
     p.add_argument("--draw", type=int, default=0,
                    help="another draw of the generated recipes: other train topics and seeds (0: the first)")
     p.add_argument("--report-only", action="store_true", help="print what is cached, generate and read nothing")
@@ -118,7 +120,7 @@ def main() -> None:
     recipes = [r for r in args.recipes.split(",") if r]
     print(f"command: python scripts/bench_recipes.py --stories {args.stories} --work {args.work} "
           f"--per-emotion {args.per_emotion} --recipes {args.recipes} --bench-per-topic {args.bench_per_topic}"
-          + (f" --draw {args.draw}" if args.draw else ""))
+          + (f" --draw {args.draw}" if args.draw else "") + f" --temperature {args.temperature}")
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
     print(f"machine: {cpu}, torch {torch.__version__}, "
@@ -178,7 +180,8 @@ def main() -> None:
         if len(done) < len(plan) and not args.report_only:
             m, hf = model()
             gen = Generator(hf, m.tokenizer, GenerationConfig(max_new_tokens=rec.max_new_tokens or 128,
-                                                              batch_size=args.chunk, dtype="float32"))
+                                                              temperature=args.temperature, batch_size=args.chunk,
+                                                              dtype="float32"))
             t0 = time.time()
             for s0 in range(len(done), len(plan), args.chunk):
                 chunk = plan[s0: s0 + args.chunk]
