@@ -119,11 +119,22 @@ class EmotionDirections:
         return replace(self, neutral=neutral_sample(self.pool(model, texts)), metadata={
             **self.metadata, "calibration": {"n_neutral": len(texts), "source": "calibrated()"}})
 
-    def pool(self, model: HookedTransformer, texts: Sequence[str]) -> Float[Tensor, "n_texts d_model"]:
-        """Activations of plain texts at these directions' hook, pooled as the directions were built."""
+    def pool(self, model: HookedTransformer, texts: Sequence[str], max_tokens: int | None = None,
+             memo: dict | None = None) -> Float[Tensor, "n_texts d_model"]:
+        """Activations of plain texts at these directions' hook, pooled as the directions were built
+        (each cut to ``max_tokens`` tokens if given: a calibration pass, without a progress bar).
+        ``memo``, one dict shared by direction sets read together, keeps the pooled rows, so sets at
+        the same hook pooled alike pool each text once."""
+        cfg = self.pooling if max_tokens is None else replace(self.pooling, max_tokens=max_tokens)
+        key = (self.hook, repr(cfg), tuple(texts))
+        if memo is not None and key in memo:
+            return memo[key]
         layer, _ = parse(self.hook) or (self.layer, DEFAULT_POOLING.hook)
         rows = [_Text(f"text {i}", t) for i, t in enumerate(texts)]
-        return collect_pooled(model, rows, self.pooling, layers=[layer], desc="read")[self.hook]
+        acts = collect_pooled(model, rows, cfg, layers=[layer], desc="read", progress=max_tokens is None)[self.hook]
+        if memo is not None:
+            memo[key] = acts
+        return acts
 
     @property
     def d_model(self) -> int:
@@ -150,35 +161,32 @@ class EmotionDirections:
             acts = acts - self.center.to(acts.device)
         return acts @ self.vectors.to(acts.device).T
 
-    def length_calibration(self, model: HookedTransformer, neutral_texts: Sequence[str],
-                           n_tokens: int) -> tuple[Float[Tensor, " n_emotions"], Float[Tensor, " n_emotions"]]:
+    def length_calibration(self, model: HookedTransformer, neutral_texts: Sequence[str], n_tokens: int,
+                           memo: dict | None = None) -> tuple[Float[Tensor, " n_emotions"], Float[Tensor, " n_emotions"]]:
         """Mean and SD of each direction's projection over the ``neutral_texts`` at least
         ``n_tokens`` long, each cut to its first ``n_tokens`` tokens and pooled as these directions
-        were built: the calibration of a text that pools to ``n_tokens`` tokens."""
+        were built: the calibration of a text that pools to ``n_tokens`` tokens (``memo``: `pool`)."""
         lengths = [len(t) for t in tokenize_texts(model.tokenizer, neutral_texts, n_tokens)]
         long_enough = [t for t, n in zip(neutral_texts, lengths) if n >= n_tokens]
         if len(long_enough) < 2:
             raise UserError(f"{len(long_enough)} of the {len(neutral_texts)} neutral texts have {n_tokens} tokens "
                             "or more: calibrating a text needs at least two neutral texts as long as it; give "
                             "longer neutral texts, or read without them (the directions' neutral sample).")
-        layer, _ = parse(self.hook) or (self.layer, DEFAULT_POOLING.hook)
-        rows = [_Text(f"neutral {i}", t) for i, t in enumerate(long_enough)]
-        cut = replace(self.pooling, max_tokens=n_tokens)
-        proj = self.project(collect_pooled(model, rows, cut, layers=[layer], progress=False)[self.hook])
+        proj = self.project(self.pool(model, long_enough, n_tokens, memo))
         return proj.mean(0), proj.std(0).clamp(min=1e-6)
 
     def read(self, model: HookedTransformer, texts: Sequence[str], raw: bool = False,
-             neutral_texts: Sequence[str] | None = None) -> list[dict[str, float]]:
+             neutral_texts: Sequence[str] | None = None, memo: dict | None = None) -> list[dict[str, float]]:
         """Emotion scores of plain texts, pooled as the directions were built (`pooling`): each
         projection as a z-score against neutral text, or, with ``raw``, the projection itself.
         With ``neutral_texts``, each text is z-scored against them cut to its own token length
         (`length_calibration`, one pass per distinct length); without, against the directions'
-        neutral sample (`calibration`), pooled from whole texts.
+        neutral sample (`calibration`), pooled from whole texts. ``memo``: see `pool`.
 
         Example:
             >>> dirs.read(model, ["I can't stop smiling today.", "The bus leaves at nine."])[0]["happy"]
         """
-        proj = self.project(self.pool(model, texts))
+        proj = self.project(self.pool(model, texts, memo=memo))
         if not raw and neutral_texts is None:
             mean, std = self.calibration()
             proj = (proj - mean) / std
@@ -186,7 +194,7 @@ class EmotionDirections:
             lengths = [len(t) for t in tokenize_texts(model.tokenizer, texts, self.pooling.max_tokens)]
             for n in sorted(set(lengths)):
                 rows = [i for i, length in enumerate(lengths) if length == n]
-                mean, std = self.length_calibration(model, neutral_texts, n)
+                mean, std = self.length_calibration(model, neutral_texts, n, memo)
                 proj[rows] = (proj[rows] - mean) / std
         return [dict(zip(self.names, row)) for row in proj.tolist()]
 

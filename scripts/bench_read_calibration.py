@@ -10,7 +10,8 @@ with a finished run's directions, restricted to the set's emotions:
 
   * raw: the projection itself;
   * stories: z against the directions' neutral sample (what `read` does);
-  * length: z against the run's neutral corpus texts (train split) cut to the same N tokens.
+  * length: z against the run's neutral corpus texts (train split) cut to the same N tokens
+    (`EmotionDirections.length_calibration`, what `read` does given neutral texts).
 
 It prints single-text top-1 / top-3 over the set's emotions and, on neutral test-split texts cut
 the same way, the mean of the largest z (a neutral text should read nothing). Side by side, one run.
@@ -73,8 +74,8 @@ def main() -> None:
         for n in args.lengths:
             proj = dirs.project(dirs.pool(model, cut(tok, [s.text for s in kept], n))).numpy()
             neutral = dirs.project(dirs.pool(model, cut(tok, held, n))).numpy()
-            cal = dirs.project(dirs.pool(model, cut(tok, calib, n))).numpy()
-            ways = {"raw": (0.0, 1.0), "stories": (mean, std), "length": (cal.mean(0), cal.std(0))}
+            ways = {"raw": (0.0, 1.0), "stories": (mean, std),
+                    "length": tuple(t.numpy() for t in dirs.length_calibration(model, calib, n))}
             for how, (m, s) in ways.items():
                 z = (proj - m) / s
                 top1, top3 = rank_metrics(z[:, cols], y)

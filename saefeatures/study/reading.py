@@ -100,8 +100,9 @@ def read_texts(model, sets: dict[str, EmotionDirections], texts: list[str], top:
     """Per text, per direction set: its ``top`` emotions and every score (z vs neutral, or raw;
     with ``neutral_texts``, z vs them cut to the text's length: `EmotionDirections.read`)."""
     out: list[dict[str, Any]] = [{"text": t} for t in texts]
+    memo: dict = {}  # sets pooled alike (dense and SAE at one hook) pool each text once
     for name, dirs in sets.items():
-        for row, scores in zip(out, dirs.read(model, texts, raw=raw, neutral_texts=neutral_texts)):
+        for row, scores in zip(out, dirs.read(model, texts, raw=raw, neutral_texts=neutral_texts, memo=memo)):
             ranked = sorted(scores.items(), key=lambda kv: -kv[1])
             row[name] = {"top": [[n, round(v, 3)] for n, v in ranked[:top]],
                          "scores": {n: round(v, 4) for n, v in scores.items()}}
