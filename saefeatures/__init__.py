@@ -63,8 +63,10 @@ def load_directions(path: str | Path) -> EmotionDirections:
 def dense_directions(model: HookedTransformer, records: Sequence | None = None, layer: int | None = None
                      ) -> EmotionDirections:
     """The paper's dense directions from the train split of ``records`` (default: the shipped corpus):
-    per-emotion mean of pooled activations minus the mean over emotions, neutral components out."""
+    per-emotion mean of pooled activations minus the mean over emotions, neutral components out,
+    plus the direction of short sentences naming each emotion (`saefeatures.concepts`)."""
     from .activations import ActivationConfig, collect_pooled
+    from .concepts import concept_sentences
     from .corpus import load_corpus
     from .directions import DirectionConfig, build_dense
     from .hook_names import hook_name
@@ -76,8 +78,11 @@ def dense_directions(model: HookedTransformer, records: Sequence | None = None, 
     emotional = [r for r in train if r.emotion != "neutral"]
     neutral = [r.id for r in train if r.emotion == "neutral"]
     hook = hook_name(layer)
+    anchors = concept_sentences(sorted({r.emotion for r in emotional}))
+    concepts = collect_pooled(model, anchors, ActivationConfig(), layers=[layer], desc="concept sentences")
     return build_dense(acts.subset([r.id for r in emotional])[hook], [r.emotion for r in emotional],
-                       acts.subset(neutral)[hook], layer, DirectionConfig(), hook)
+                       acts.subset(neutral)[hook], layer, DirectionConfig(), hook,
+                       concepts=(concepts[hook], [s.emotion for s in anchors]))
 
 
 def sae_directions(model: HookedTransformer, sae: SAE, dense: EmotionDirections, k: int = 16,

@@ -2,7 +2,10 @@
 
 The dense recipe is the paper's: per-emotion mean of pooled activations minus the mean over
 emotions, with the top principal components of neutral texts (to 50% of their variance) projected
-out, unit norm, from the train split only. SAE-assembled directions (`sae.assemble`) use the
+out, unit norm, from the train split only; by default each emotion's direction then gets the
+direction of short sentences naming it added (`saefeatures.concepts`: the embedded model's own
+stories carry their emotion weakly; ``DirectionConfig.concept_weight=0`` is the paper's recipe
+alone). SAE-assembled directions (`sae.assemble`) use the
 same object and keep the latent ids and weights they were built from in ``latents``.
 
 Directions record how their activations were pooled (``metadata["pooling"]``: hook, layer, tokens
@@ -68,6 +71,9 @@ class DirectionConfig:
     """Neutral principal components explaining this fraction of variance are projected out (0: none)."""
     max_neutral_pcs: int = 64
     """Upper bound on the neutral components removed."""
+    concept_weight: float = 2.0
+    """Weight of the concept-sentence direction added to the story direction (`concepts`; both
+    unit norm, neutral components out); 0: the paper's recipe, stories only."""
 
 
 @dataclass
@@ -278,32 +284,52 @@ def build_dense(
     cfg: DirectionConfig = DirectionConfig(),
     hook: str = "",
     pooling: ActivationConfig | None = None,
+    concepts: tuple[Float[Tensor, "c d_model"], Sequence[str]] | None = None,
 ) -> EmotionDirections:
     """The paper's DiffMean directions from pooled train activations and their emotion labels;
     ``neutral`` (pooled as ``pooling`` says, recorded with the directions) is also their
-    calibration sample."""
+    calibration sample. With ``concepts`` (pooled concept sentences and their emotions) and
+    ``cfg.concept_weight`` > 0, each emotion that has both gets the unit story direction plus the
+    weighted unit DiffMean direction of its sentences, renormalised (`saefeatures.concepts`)."""
     if acts.shape[0] != len(labels):
         raise ValueError(f"{acts.shape[0]} activation rows but {len(labels)} labels.")
     if neutral.shape[-1] != acts.shape[-1]:
         raise ValueError(f"Neutral activations have width {neutral.shape[-1]}, emotion ones {acts.shape[-1]}.")
     names = [n for n in emo.NAMES if n in set(labels)] + sorted(set(labels) - set(emo.NAMES))
+    basis = neutral_basis(neutral, cfg.neutral_variance, cfg.max_neutral_pcs)
+    grand, vectors = _diff_means(acts, labels, names, basis)
+    meta: dict[str, Any] = {"neutral_pcs": int(basis.shape[0]), "neutral_variance": cfg.neutral_variance,
+                            "n_train": int(acts.shape[0])}
+    if concepts is not None and cfg.concept_weight > 0:
+        c_acts, c_labels = concepts
+        if c_acts.shape[0] != len(c_labels):
+            raise ValueError(f"{c_acts.shape[0]} concept rows but {len(c_labels)} concept labels.")
+        both = [n for n in names if n in set(c_labels)]
+        if len(both) >= 2:
+            rows = [i for i, label in enumerate(c_labels) if label in set(both)]
+            _, anchor = _diff_means(c_acts[rows], [c_labels[i] for i in rows], both, basis)
+            at = [names.index(n) for n in both]
+            mixed = vectors[at] + cfg.concept_weight * anchor
+            vectors[at] = mixed / mixed.norm(dim=1, keepdim=True).clamp(min=1e-8)
+            meta.update(concept_weight=cfg.concept_weight, n_concepts=len(rows), n_concept_emotions=len(both))
+    hook = hook or hook_name(layer)
+    return EmotionDirections(names, layer, vectors, hook, "dense", grand,
+                             metadata={**meta,
+                                       "pooling": pooling_record(pooling or DEFAULT_POOLING, hook, layer),
+                                       "calibration": {"n_neutral": int(neutral.shape[0]), "source": "train"}},
+                             neutral=neutral_sample(neutral))
+
+
+def _diff_means(acts: Tensor, labels: Sequence[str], names: list[str], basis: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean over ``names`` of the per-name means, and each mean minus it with ``basis`` out, unit norm."""
     index = {n: i for i, n in enumerate(names)}
     y = torch.tensor([index[label] for label in labels])
     acts = acts.float()
     sums = torch.zeros(len(names), acts.shape[1]).index_add_(0, y, acts)
     means = sums / torch.bincount(y, minlength=len(names))[:, None]
     grand = means.mean(0)
-    basis = neutral_basis(neutral, cfg.neutral_variance, cfg.max_neutral_pcs)
     diffs = project_out(means - grand, basis)
-    vectors = diffs / diffs.norm(dim=1, keepdim=True).clamp(min=1e-8)
-    hook = hook or hook_name(layer)
-    return EmotionDirections(names, layer, vectors, hook, "dense", grand,
-                             metadata={"neutral_pcs": int(basis.shape[0]),
-                                       "neutral_variance": cfg.neutral_variance,
-                                       "n_train": int(acts.shape[0]),
-                                       "pooling": pooling_record(pooling or DEFAULT_POOLING, hook, layer),
-                                       "calibration": {"n_neutral": int(neutral.shape[0]), "source": "train"}},
-                             neutral=neutral_sample(neutral))
+    return grand, diffs / diffs.norm(dim=1, keepdim=True).clamp(min=1e-8)
 
 
 def neutral_sample(neutral: Float[Tensor, "n d_model"], size: int = 256) -> Float[Tensor, "m d_model"]:

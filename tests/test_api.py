@@ -53,6 +53,7 @@ def dense(tiny_model):
 
 def test_dense_directions_and_reading_plain_texts(tiny_model, dense):
     assert dense.names == ["afraid", "happy", "sad"] and dense.hook == "blocks.1.hook_resid_post"
+    assert dense.metadata["concept_weight"] == 2.0 and dense.metadata["n_concept_emotions"] == 3  # the shipped recipe
     torch.testing.assert_close(dense.vectors.norm(dim=1), torch.ones(3))
     scores = dense.read(tiny_model, [STANDIN_TEXTS[2], "The bus is late."])
     assert len(scores) == 2 and set(scores[0]) == {"afraid", "happy", "sad"}

@@ -51,6 +51,47 @@ def test_dense_recipe_matches_hand_computation():
     assert sum(p == l for p, l in zip(pred, labels)) / len(labels) > 0.95
 
 
+def test_concept_sentences_add_their_direction_to_the_story_direction():
+    acts, labels, neutral, centers, names = _synthetic()
+    stories = build_dense(acts, labels, neutral, layer=3, cfg=DirectionConfig(concept_weight=0))
+    g = torch.Generator().manual_seed(1)
+    concept = torch.randn(len(names), 32, generator=g) * 3  # where the sentences naming each emotion sit
+    c_labels = [n for n in names[:3] for _ in range(10)]  # 'afraid' has no sentences
+    c_acts = torch.stack([concept[names.index(n)] + 0.1 * torch.randn(32, generator=g) for n in c_labels])
+    off = build_dense(acts, labels, neutral, layer=3, cfg=DirectionConfig(concept_weight=0), concepts=(c_acts, c_labels))
+    torch.testing.assert_close(off.vectors, stories.vectors)
+    assert "concept_weight" not in off.metadata
+    basis = neutral_basis(neutral, 0.5)
+    both = [n for n in stories.names if n != "afraid"]
+    anchor = torch.stack([c_acts[[i for i, c in enumerate(c_labels) if c == n]].mean(0) for n in both])
+    anchor = project_out(anchor - anchor.mean(0), basis)
+    anchor = anchor / anchor.norm(dim=1, keepdim=True)
+    for w in (1.0, 2.0):
+        mixed = build_dense(acts, labels, neutral, layer=3, cfg=DirectionConfig(concept_weight=w),
+                            concepts=(c_acts, c_labels))
+        rows = [stories.index(n) for n in both]
+        expected = stories.vectors[rows] + w * anchor
+        torch.testing.assert_close(mixed.vectors[rows], expected / expected.norm(dim=1, keepdim=True),
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mixed.vector("afraid"), stories.vector("afraid"))  # no sentences: stories only
+        assert (mixed.vectors @ basis.T).abs().max() < 1e-4  # still orthogonal to the neutral components
+        assert mixed.metadata["concept_weight"] == w and mixed.metadata["n_concepts"] == 30
+        assert mixed.metadata["n_concept_emotions"] == 3
+        torch.testing.assert_close(mixed.center, stories.center)  # projections stay centred on the stories
+    with pytest.raises(ValueError, match="concept rows"):
+        build_dense(acts, labels, neutral, layer=3, concepts=(c_acts[:5], c_labels))
+
+
+def test_concept_sentences_name_their_emotion_once_per_template():
+    from saefeatures.concepts import TEMPLATES, concept_sentences, templates_key
+
+    sentences = concept_sentences(["afraid", "at ease"])
+    assert len(sentences) == 2 * len(TEMPLATES) and len({s.id for s in sentences}) == len(sentences)
+    assert all(s.text.count(s.emotion) == 1 and "{" not in s.text for s in sentences)
+    assert sentences[0] == ("concept-afraid-00", "afraid", "I feel so afraid.")
+    assert templates_key() != templates_key(TEMPLATES[1:])
+
+
 def test_save_load_roundtrip(tmp_path):
     acts, labels, neutral, _, _ = _synthetic()
     dirs = build_dense(acts, labels, neutral, layer=3)

@@ -8,6 +8,7 @@ import pytest
 from conftest import SMALL_RUN_EMOTIONS as EMOTIONS
 from conftest import broken_references, dtype_tolerance
 
+from saefeatures.concepts import TEMPLATES
 from saefeatures.corpus import load_corpus
 from saefeatures.directions import EmotionDirections
 from saefeatures.models import BF16_ENV, bf16_is_fast
@@ -58,6 +59,10 @@ def test_run_writes_manifest_metrics_report_and_directions(small_run):
     sae = EmotionDirections.load(out / "directions" / "sae")
     assert dense.layer == sae.layer == 20 and len(dense.names) == len(EMOTIONS)
     assert all(len(sae.latents[n]) <= 4 for n in sae.names) and dense.latents == {}
+    # the default recipe adds each emotion's concept sentences, pooled once at every layer
+    assert dense.metadata["concept_weight"] == 2.0 and dense.metadata["n_concept_emotions"] == len(EMOTIONS)
+    assert dense.metadata["n_concepts"] == len(EMOTIONS) * len(TEMPLATES)
+    assert manifest["stages"]["concept_activations"]["key"]
     assert list((out / "wandb").glob("offline-run-*"))
     sweep = json.loads((out / "sweep.json").read_text())
     assert [row["layer"] for row in sweep] == [12, 20]

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..activations import PooledActivations, collect_pooled
+from ..concepts import concept_sentences
 from ..corpus import load_corpus
 from ..directions import build_dense
 from ..evals.emobank import load_emobank
@@ -32,15 +33,22 @@ def sweep_layers(cfg: RunConfig, layers: list[int], out: Path | str) -> list[dic
     acts = collect_pooled(model, records, cfg.activations, out / "corpus", layers=layers, desc="sweep corpus")
     sentences = load_emobank(cfg.evals.emobank_path, limit=cfg.evals.emobank_limit)
     eb = collect_pooled(model, sentences, cfg.activations, out / "emobank", layers=layers, desc="sweep emobank")
+    concepts = None
+    if cfg.directions.concept_weight > 0:
+        anchors = concept_sentences(sorted({r.emotion for r in records if r.split == "train" and r.emotion != "neutral"}))
+        concepts = (collect_pooled(model, anchors, cfg.activations, out / "concepts", layers=layers, desc="sweep concepts"),
+                    [s.emotion for s in anchors])
     rows = sweep_rows(cfg, layers, records, acts, eb, np.array([s.valence for s in sentences]),
-                      np.array([s.arousal for s in sentences]))
+                      np.array([s.arousal for s in sentences]), concepts)
     write_json(out / "sweep.json", rows)
     return rows
 
 
 def sweep_rows(cfg: RunConfig, layers: list[int], records: list, acts: PooledActivations,
-               emobank: PooledActivations, valence: np.ndarray, arousal: np.ndarray) -> list[dict[str, float]]:
-    """One row of metrics per layer from activations already pooled at every layer."""
+               emobank: PooledActivations, valence: np.ndarray, arousal: np.ndarray,
+               concepts: tuple[PooledActivations, list[str]] | None = None) -> list[dict[str, float]]:
+    """One row of metrics per layer from activations already pooled at every layer (``concepts``:
+    pooled concept sentences and their emotions, for the dense recipe's anchor)."""
     train = [r for r in records if r.split == "train" and r.emotion != "neutral"]
     neutral = [r for r in records if r.split == "train" and r.emotion == "neutral"]
     test = [r for r in records if r.split == cfg.evals.split and r.emotion != "neutral"]
@@ -48,7 +56,8 @@ def sweep_rows(cfg: RunConfig, layers: list[int], records: list, acts: PooledAct
     for layer in layers:
         hook = hook_name(layer, cfg.activations.hook)
         dirs = build_dense(acts.subset([r.id for r in train])[hook], [r.emotion for r in train],
-                           acts.subset([r.id for r in neutral])[hook], layer, cfg.directions, hook, cfg.activations)
+                           acts.subset([r.id for r in neutral])[hook], layer, cfg.directions, hook, cfg.activations,
+                           None if concepts is None else (concepts[0][hook], concepts[1]))
         data = EvalData(acts.subset([r.id for r in test])[hook], [r.emotion for r in test], emobank[hook],
                         valence, arousal)
         rep = evaluate_directions(dirs, data)

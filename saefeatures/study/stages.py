@@ -14,6 +14,7 @@ import numpy as np
 
 from ..activations import PooledActivations, PooledStore, collect_pooled
 from ..audit import AuditConfig, audit_corpus
+from ..concepts import concept_sentences, templates_key
 from ..corpus import corpus_stats
 from ..corpus_import import story_set_key
 from ..directions import EmotionDirections, build_dense, neutral_sample
@@ -149,27 +150,51 @@ def stage_sweep(study: Study, acts: PooledActivations,
     if len(study.layers) < 2:
         return
     path = study.run.path / "sweep.json"
-    key = key_of(eval_key(study), study.layers, to_dict(study.cfg.directions))
+    concepts = stage_concepts(study)
+    key = key_of(eval_key(study), study.key("concept_activations") if concepts else None, study.layers,
+                 to_dict(study.cfg.directions))
     if study.run.reuse("layer_sweep", key, lambda: read_json(path)) is not None:
         return
     with study.run.stage("layer_sweep", key):
-        rows = sweep_rows(study.cfg, study.layers, study.records, acts, *emobank)
+        rows = sweep_rows(study.cfg, study.layers, study.records, acts, *emobank, concepts=concepts)
         write_json(path, rows)
         study.run.replace("layer_sweep", {f"L{r['layer']}": {k: v for k, v in r.items() if k != "layer"}
                                           for r in rows})
 
 
+def stage_concepts(study: Study) -> tuple[PooledActivations, list[str]] | None:
+    """Pooled concept sentences (`saefeatures.concepts`) of the train split's emotions at every
+    pooled layer, and their emotions; None when ``directions.concept_weight`` is 0."""
+    if study.cfg.directions.concept_weight <= 0:
+        return None
+    emotions = sorted({r.emotion for r in study.records if r.split == "train" and r.emotion != "neutral"})
+    sentences = concept_sentences(emotions)
+    out = activations_dir(study, "concepts")
+    cfg = study.cfg.activations
+    key = key_of(templates_key(), emotions, study.model_key, study.layers, to_dict(cfg))
+    acts = reuse_together(study, "concept_activations", key, lambda: PooledStore(
+        out, pooling(study), cfg.shard_records, records=sentences).read([s.id for s in sentences]),
+                          lambda: PooledActivations([], {}))
+    if acts is None:
+        with study.run.stage("concept_activations", key):
+            acts = collect_pooled(study.model, sentences, cfg, out, layers=study.layers, desc="concepts")
+    return acts, [s.emotion for s in sentences]
+
+
 def stage_dense(study: Study, acts: PooledActivations) -> EmotionDirections:
     train = [r for r in study.records if r.split == "train" and r.emotion != "neutral"]
     neutral = [r for r in study.records if r.split == "train" and r.emotion == "neutral"]
+    concepts = stage_concepts(study)
     out = study.run.path / "directions" / "dense"
-    key = key_of(study.key("activations"), study.layer, to_dict(study.cfg.directions))
+    key = key_of(study.key("activations"), study.key("concept_activations") if concepts else None, study.layer,
+                 to_dict(study.cfg.directions))
     dirs = study.run.reuse("directions_dense", key, lambda: EmotionDirections.load(out))
     if dirs is None:
         with study.run.stage("directions_dense", key):
             dirs = build_dense(acts.subset([r.id for r in train])[study.hook], [r.emotion for r in train],
                                acts.subset([r.id for r in neutral])[study.hook], study.layer,
-                               study.cfg.directions, study.hook, study.cfg.activations)
+                               study.cfg.directions, study.hook, study.cfg.activations,
+                               None if concepts is None else (concepts[0][study.hook], concepts[1]))
             split = study.cfg.evals.split
             held_out = [r.id for r in study.records if r.split == split and r.emotion == "neutral"]
             if len(held_out) >= 2:  # calibrated on neutral texts the directions were not built from
