@@ -78,6 +78,9 @@ def test_report_has_every_section(small_run):
                     "SAE quality (held-out text)", "Reader test", "Emotions"):
         assert f"<h2>{heading}</h2>" in html, heading
     assert "data:image/png;base64," in html and "http://" not in html.replace("http://www.w3.org", "")
+    dense = EmotionDirections.load(out / "directions" / "dense")
+    assert (f"{dense.metadata['n_train']} train stories" in html  # how the dense directions were built
+            and f"2 x the same direction of {dense.metadata['n_concepts']} short sentences" in html)
     h2 = [m.start() for m in re.finditer("<h2>", html)]
     assert html.index("<div id='findings'") < h2[0] < html.index("</div>", html.index("<div id='findings'"))  # first
     assert html.index("<h2>Timings</h2>") == h2[-1]  # the appendix, last

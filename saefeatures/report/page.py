@@ -161,14 +161,28 @@ def corpus_parts(run: Path, metrics: dict[str, Any], manifest: dict[str, Any]) -
     return parts
 
 
+def dense_recipe(run: Path) -> str:
+    """One sentence on how the run's dense directions were built (from their saved metadata)."""
+    meta = (_read(run / "directions" / "dense" / "directions.json") or {}).get("metadata", {})
+    if "n_train" not in meta:
+        return ""
+    text = (f"Dense: the per-emotion mean of {meta.get('n_train', '?')} train stories minus the mean over emotions, "
+            f"{meta.get('neutral_pcs', '?')} neutral principal components out")
+    if meta.get("concept_weight"):
+        text += (f", plus {meta['concept_weight']:g} x the same direction of {meta['n_concepts']} short sentences "
+                 f"naming the emotions (directions.concept_weight; 0 is the paper's recipe)")
+    return text + "."
+
+
 def direction_parts(run: Path, metrics: dict[str, Any], detection: dict[str, Any]) -> list[str]:
     """The direction sets side by side, their geometry, detection confusion matrices, the reader test."""
     figs, parts = run / "figures", []
     present = [s for s in SECTIONS if lookup(metrics, s)]
     if present:
         parts.append("<h2>Emotion directions: dense vs SAE-assembled</h2>"
-                     "<p class='note'>171-way detection on the topic-held-out test split; PCA of the directions vs "
-                     "human valence (PC1) and arousal (PC2); EmoBank: Spearman of sentence projections with human ratings.</p>")
+                     f"<p class='note'>{html.escape(dense_recipe(run))} 171-way detection on the topic-held-out test "
+                     "split; PCA of the directions vs human valence (PC1) and arousal (PC2); EmoBank: Spearman of "
+                     "sentence projections with human ratings.</p>")
         parts.append(_table(["directions", *(TITLES.get(c, c) for c in COLS)],
                             [[s, *(lookup(metrics, f"{s}.{c}") for c in COLS)] for s in present]))
     for s in present:
