@@ -40,7 +40,7 @@ from .preflight import (check_corpus, check_model, check_sae_config, check_steer
 from .reading import FinishedRun, format_readings, read_texts
 from .sae_stages import evaluate_run_sae, stage_sae, stage_sae_directions, stage_scores
 from .sae_variants import plan_variants, train_variants, variants_dir, variants_summary
-from .stages import eval_data, report_directions, stage_activations, stage_dense, stage_emobank
+from .stages import eval_data, report_directions, stage_activations, stage_concepts, stage_dense, stage_emobank
 
 log = logging.getLogger("saefeatures")
 
@@ -193,7 +193,7 @@ def cmd_directions(args: argparse.Namespace) -> None:
     acts = stage_activations(study)
     evaluate = args.directions_command == "eval"
     data = eval_data(study, acts, stage_emobank(study)) if evaluate else None
-    dense = stage_dense(study, acts)
+    dense = stage_dense(study, acts, stage_concepts(study))
     if args.recipe == "dense":
         if evaluate:
             report_directions(study, dense, data, "dense")

@@ -38,8 +38,8 @@ from .preflight import check_model, check_run, check_sae_config, corpus_path
 from .probe_stages import stage_monitor, stage_probes, stage_steering
 from .rundir import RunDir, package_versions
 from .sae_stages import log_artifacts, stage_cards, stage_sae, stage_sae_directions, stage_scores
-from .stages import (eval_data, report_directions, stage_activations, stage_corpus, stage_corpus_audit, stage_dense,
-                     stage_emobank, stage_reader, stage_sweep)
+from .stages import (eval_data, report_directions, stage_activations, stage_corpus, stage_concepts,
+                     stage_corpus_audit, stage_dense, stage_emobank, stage_reader, stage_sweep)
 from .tracking import Tracker, report_tables
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,9 @@ def run_study(cfg: RunConfig, out: Path | str, config_path: str | None = None, m
             acts = stage_activations(study)
             emobank = stage_emobank(study)
             data = eval_data(study, acts, emobank)
-            stage_sweep(study, acts, emobank)
-            dense = stage_dense(study, acts)
+            concepts = stage_concepts(study)
+            stage_sweep(study, acts, emobank, concepts)
+            dense = stage_dense(study, acts, concepts)
             report_directions(study, dense, data, "dense")
             sae_dirs = stage_sae_directions(study, sae, scores, dense, data)
             main = sae_dirs.get(cfg.sae_directions.main_k) or next(iter(sae_dirs.values()))

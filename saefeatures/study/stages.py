@@ -144,13 +144,12 @@ def eval_key(study: Study) -> str:
     return key_of(study.key("activations"), study.key("emobank_activations"), to_dict(study.cfg.evals))
 
 
-def stage_sweep(study: Study, acts: PooledActivations,
-                emobank: tuple[PooledActivations, np.ndarray, np.ndarray]) -> None:
+def stage_sweep(study: Study, acts: PooledActivations, emobank: tuple[PooledActivations, np.ndarray, np.ndarray],
+                concepts: tuple[PooledActivations, list[str]] | None) -> None:
     """The dense recipe at every pooled layer, one table (``sweep.json``, ``layer_sweep.L*`` metrics)."""
     if len(study.layers) < 2:
         return
     path = study.run.path / "sweep.json"
-    concepts = stage_concepts(study)
     key = key_of(eval_key(study), study.key("concept_activations") if concepts else None, study.layers,
                  to_dict(study.cfg.directions))
     if study.run.reuse("layer_sweep", key, lambda: read_json(path)) is not None:
@@ -181,10 +180,11 @@ def stage_concepts(study: Study) -> tuple[PooledActivations, list[str]] | None:
     return acts, [s.emotion for s in sentences]
 
 
-def stage_dense(study: Study, acts: PooledActivations) -> EmotionDirections:
+def stage_dense(study: Study, acts: PooledActivations,
+                concepts: tuple[PooledActivations, list[str]] | None) -> EmotionDirections:
+    """The dense directions from the train split (``concepts``: `stage_concepts`)."""
     train = [r for r in study.records if r.split == "train" and r.emotion != "neutral"]
     neutral = [r for r in study.records if r.split == "train" and r.emotion == "neutral"]
-    concepts = stage_concepts(study)
     out = study.run.path / "directions" / "dense"
     key = key_of(study.key("activations"), study.key("concept_activations") if concepts else None, study.layer,
                  to_dict(study.cfg.directions))
