@@ -171,9 +171,9 @@ def stage_concepts(study: Study) -> tuple[PooledActivations, list[str]] | None:
     out = activations_dir(study, "concepts")
     cfg = study.cfg.activations
     key = key_of(templates_key(), emotions, study.model_key, study.layers, to_dict(cfg))
-    acts = reuse_together(study, "concept_activations", key, lambda: PooledStore(
-        out, pooling(study), cfg.shard_records, records=sentences).read([s.id for s in sentences]),
-                          lambda: PooledActivations([], {}))
+    # rank 0 alone (under torchrun the other ranks never build directions): no exchange with them
+    acts = study.run.reuse("concept_activations", key, lambda: PooledStore(
+        out, pooling(study), cfg.shard_records, records=sentences).read([s.id for s in sentences]))
     if acts is None:
         with study.run.stage("concept_activations", key):
             acts = collect_pooled(study.model, sentences, cfg, out, layers=study.layers, desc="concepts")
