@@ -88,14 +88,21 @@ def dense_directions(model: HookedTransformer, records: Sequence | None = None, 
 def sae_directions(model: HookedTransformer, sae: SAE, dense: EmotionDirections, k: int = 16,
                    records: Sequence | None = None) -> EmotionDirections:
     """Directions assembled from ``k`` SAE latents per emotion, chosen by how well they read the
-    emotion on the train split of ``records`` (default: the shipped corpus) and aligned with ``dense``."""
+    emotion on the train split of ``records`` (default: the shipped corpus) and on sentences naming
+    it (weighted as ``dense`` weighted them), and aligned with ``dense``."""
+    from .concepts import concept_sentences
     from .corpus import load_corpus
     from .sae.assemble import SAERecipeConfig, build_sae
     from .sae import ScoringConfig, score_latents
 
     train = [r for r in (records if records is not None else load_corpus()) if r.split == "train"]
     scores = score_latents(model, sae, train, ScoringConfig())
-    return build_sae(scores, sae.W_dec, k, dense.layer, dense, SAERecipeConfig())
+    weight = dense.metadata.get("concept_weight", 0.0)
+    emotions = [c for c in scores.classes if c != "neutral"]
+    concepts = score_latents(model, sae, concept_sentences(emotions), ScoringConfig(),
+                             desc="concept scoring") if weight > 0 else None
+    return build_sae(scores, sae.W_dec, k, dense.layer, dense, SAERecipeConfig(), concepts=concepts,
+                     concept_weight=weight)
 
 
 def emotion_steering(model: HookedTransformer, directions: EmotionDirections | None = None, sae: SAE | None = None,

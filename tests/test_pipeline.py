@@ -62,7 +62,8 @@ def test_run_writes_manifest_metrics_report_and_directions(small_run):
     # the default recipe adds each emotion's concept sentences, pooled once at every layer
     assert dense.metadata["concept_weight"] == 2.0 and dense.metadata["n_concept_emotions"] == len(EMOTIONS)
     assert dense.metadata["n_concepts"] == len(EMOTIONS) * len(TEMPLATES)
-    assert manifest["stages"]["concept_activations"]["key"]
+    assert manifest["stages"]["concept_activations"]["key"] and manifest["stages"]["concept_scoring"]["key"]
+    assert sae.metadata["concept_weight"] == 2.0  # the SAE's latents are ranked on the sentences too
     assert list((out / "wandb").glob("offline-run-*"))
     sweep = json.loads((out / "sweep.json").read_text())
     assert [row["layer"] for row in sweep] == [12, 20]

@@ -52,6 +52,40 @@ def test_planted_latent_is_ranked_first():
     assert s.max[0, 7] == 3.0 and s.max_record[1, 7] == -1
 
 
+def _scores(values: dict[str, list[list[float]]]) -> LatentScores:
+    """Latent scores from per-record pooled values: class -> one row of latent values per record."""
+    classes = list(values)
+    rows = [(c, v) for c, vs in values.items() for v in vs]
+    n_latents = len(rows[0][1])
+    acc = ScoreAccumulator(classes, torch.full((n_latents,), 4.0), "blocks.6.hook_resid_post",
+                           [f"r{i}" for i in range(len(rows))], ScoringConfig())
+    for i, (c, v) in enumerate(rows):
+        lat = torch.tensor(v).expand(1, 3, n_latents).clone()
+        acc.update(lat, torch.ones(1, 3, dtype=torch.bool), torch.tensor([classes.index(c)]), torch.tensor([i]))
+    return acc.finish()
+
+
+def test_concept_sentences_weigh_in_the_ranking_as_the_dense_recipe_weighs_them():
+    # latent 0 reads 'afraid' perfectly in the stories but not in the sentences naming it; latent 1
+    # reads it in most stories (selective, AUROC 0.75) and perfectly in the sentences
+    stories = _scores({"afraid": [[3, 2], [2.5, 2], [3.5, 0], [3, 2]], "calm": [[0, 0]] * 4, "happy": [[0, 0]] * 3 + [[0, 1]]})
+    sentences = _scores({"afraid": [[0, 3]] * 3, "calm": [[0, 0]] * 3, "happy": [[0, 0]] * 3})
+    assert stories.auroc()[0, 0] == pytest.approx(1.0) and sentences.auroc()[0, 1] == pytest.approx(1.0)
+    cfg = SAERecipeConfig()
+    assert select_latents(stories, "afraid", 1, cfg) == [0]
+    assert select_latents(stories, "afraid", 1, cfg, concepts=sentences, concept_weight=0.0) == [0]
+    # (1 + 2 x 0.5) / 3 = 0.67 for latent 0 against (AUROC_stories + 2 x 1) / 3 > 0.9 for latent 1
+    assert select_latents(stories, "afraid", 1, cfg, concepts=sentences, concept_weight=2.0) == [1]
+    assert select_latents(stories, "afraid", 2, cfg, concepts=sentences, concept_weight=2.0) == [1, 0]
+    # an emotion without sentences, or rank_by='output', ranks by the stories alone
+    assert select_latents(stories, "afraid", 1, cfg, concepts=_scores({"calm": [[0, 0]], "happy": [[0, 1]]}),
+                          concept_weight=2.0) == [0]
+    dense = EmotionDirections(["afraid", "calm", "happy"], 6, torch.nn.functional.normalize(torch.randn(3, 4), dim=1))
+    dirs = build_sae(stories, torch.eye(2, 4), 1, 6, dense, cfg, concepts=sentences, concept_weight=2.0)
+    assert dirs.latents["afraid"] == [(1, 1.0)] and dirs.metadata["concept_weight"] == 2.0
+    assert build_sae(stories, torch.eye(2, 4), 1, 6, dense, cfg).metadata["concept_weight"] == 0.0
+
+
 def test_the_window_around_each_maximum_is_kept():
     acc = ScoreAccumulator(["afraid", "calm"], torch.ones(2), "blocks.6.hook_resid_post", ["r0", "r1"],
                            ScoringConfig(window=4))

@@ -1,5 +1,6 @@
 """SAE-assembled emotion directions: per emotion, a few latents picked by how well they separate
-its stories (`sae.scoring`), weighted to fit the dense direction, their decoder vectors summed.
+its stories (`sae.scoring`; and, as the dense recipe weights them, the concept sentences naming it,
+`saefeatures.concepts`), weighted to fit the dense direction, their decoder vectors summed.
 
 Example:
     >>> dirs = build_sae(scores, sae.W_dec, k=16, layer=20, dense=dense)
@@ -37,10 +38,12 @@ RANKS = ("auroc", "cohens_d", "mean_diff", "output")
 WEIGHTINGS = ("lstsq", "score")
 
 
-def select_latents(scores, name: str, k: int, cfg: SAERecipeConfig,
-                   output: Tensor | None = None) -> list[int]:
+def select_latents(scores, name: str, k: int, cfg: SAERecipeConfig, output: Tensor | None = None,
+                   concepts=None, concept_weight: float = 0.0) -> list[int]:
     """Top-k latents of one emotion by ``cfg.rank_by`` among those passing the selectivity filters
-    (if none pass, the single best by rank)."""
+    (if none pass, the single best by rank). With ``concepts`` (latent scores of the concept
+    sentences) the rank is the weighted mean ``(stories + concept_weight x sentences) / (1 +
+    concept_weight)`` of the same score on both; the filters read the stories."""
     if cfg.rank_by not in RANKS:
         raise ValueError(f"rank_by must be one of {RANKS}, got '{cfg.rank_by}'.")
     i = scores.index(name)
@@ -50,7 +53,10 @@ def select_latents(scores, name: str, k: int, cfg: SAERecipeConfig,
             raise ValueError("rank_by='output' needs output scores (sae.effects.output_scores).")
         rank = output
     else:
-        rank = {"auroc": scores.auroc, "cohens_d": scores.cohens_d, "mean_diff": scores.mean_diff}[cfg.rank_by]()[i]
+        rank = getattr(scores, cfg.rank_by)()[i]
+        if concepts is not None and concept_weight > 0 and name in concepts.classes:
+            anchor = getattr(concepts, cfg.rank_by)()[concepts.index(name)]
+            rank = (rank + concept_weight * anchor) / (1 + concept_weight)
     rank = rank + 1e-6 * d  # ties (common for AUROC) broken by effect size
     ok = (diff > 0) & (d >= cfg.min_cohens_d)
     if cfg.output_filter:
@@ -79,11 +85,13 @@ def latent_weights(decoder: Float[Tensor, "k d_model"], target: Tensor | None, e
 
 def build_sae(scores, W_dec: Float[Tensor, "d_sae d_model"], k: int, layer: int,
               dense: EmotionDirections | None = None, cfg: SAERecipeConfig = SAERecipeConfig(),
-              output_scores: Tensor | None = None) -> EmotionDirections:
+              output_scores: Tensor | None = None, concepts=None, concept_weight: float = 0.0) -> EmotionDirections:
     """Per emotion: select k latents, weight them, sum their decoder vectors (unit norm).
 
     ``output_scores`` is (n_emotions_scored, d_sae) in the order of ``scores.classes`` (as
-    `sae.effects.output_scores` returns), used by rank_by='output' and output_filter.
+    `sae.effects.output_scores` returns), used by rank_by='output' and output_filter. ``concepts``
+    and ``concept_weight``: the concept sentences' latent scores and their weight in the ranking
+    (`select_latents`; the study passes ``directions.concept_weight``, as the dense recipe uses it).
     """
     if dense is not None and dense.d_model != W_dec.shape[1]:
         raise ValueError(f"SAE decoder width {W_dec.shape[1]} != directions d_model {dense.d_model}: "
@@ -95,7 +103,7 @@ def build_sae(scores, W_dec: Float[Tensor, "d_sae d_model"], k: int, layer: int,
     W = W_dec.detach().float().cpu()
     for name in names:
         out_row = output_scores[scores.index(name)] if output_scores is not None else None
-        ids = select_latents(scores, name, k, cfg, out_row)
+        ids = select_latents(scores, name, k, cfg, out_row, concepts, concept_weight)
         target = dense.vector(name) if dense is not None and name in dense.names else None
         effect = scores.cohens_d()[scores.index(name)][ids]
         w = latent_weights(W[ids], target, effect, cfg.weighting)
@@ -107,6 +115,7 @@ def build_sae(scores, W_dec: Float[Tensor, "d_sae d_model"], k: int, layer: int,
     return EmotionDirections(names, layer, torch.stack(vectors), scores.hook, f"sae-k{k}",
                              dense.center if dense is not None else None, latents,
                              metadata={"k": k, "rank_by": cfg.rank_by, "weighting": cfg.weighting,
+                                       "concept_weight": concept_weight if concepts is not None else 0.0,
                                        "min_cohens_d": cfg.min_cohens_d, "output_filter": cfg.output_filter,
                                        "pooling": pooling_record(pooling, scores.hook, layer),
                                        **({"calibration": dense.metadata["calibration"]}

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..concepts import concept_sentences, templates_key
 from ..corpus import DEFAULT_CORPUS, load_corpus
 from ..directions import EmotionDirections
 from ..evals.suite import EvalData
@@ -115,6 +116,26 @@ def stage_scores(study: Study, sae) -> LatentScores:
     return scores
 
 
+def stage_concept_scores(study: Study, sae) -> LatentScores | None:
+    """Latent scores of the concept sentences (`saefeatures.concepts`) of the scored emotions, which
+    SAE directions rank latents by beside the stories' (rank 0 alone); None when
+    ``directions.concept_weight`` is 0."""
+    if study.cfg.directions.concept_weight <= 0:
+        return None
+    cfg = study.cfg.scoring
+    emotions = sorted({r.emotion for r in study.records if r.split == cfg.split and r.emotion != "neutral"})
+    out = study.run.path / "scores" / "concepts"
+    key = key_of(templates_key(), emotions, study.model_key, study.layer, sae_fingerprint(sae), to_dict(cfg),
+                 pooling(study, [sae.cfg.metadata.hook_name]), study.cfg.activations.batch_tokens)
+    scores = study.run.reuse("concept_scoring", key, lambda: LatentScores.load(out))
+    if scores is None:
+        with study.run.stage("concept_scoring", key):
+            scores = score_latents(study.model, sae, concept_sentences(emotions), cfg, study.cfg.activations,
+                                   desc="concept scoring")
+            scores.save(out)
+    return scores
+
+
 def stage_output_scores(study: Study, sae, scores: LatentScores) -> torch.Tensor:
     """Output scores of each emotion's top candidates (by AUROC), cached in scores/output.safetensors."""
     cfg = study.cfg.sae_directions
@@ -147,17 +168,20 @@ def stage_sae_directions(study: Study, sae, scores: LatentScores, dense: Emotion
         study.run.record("sae", {"output_positive_fraction": float((output[rows].gather(1, top) > 0).float().mean())})
     else:
         study.run.drop("sae.output_positive_fraction")
+    concepts = stage_concept_scores(study, sae)
+    weight = study.cfg.directions.concept_weight
     out = {}
     for k in cfg.recipe.ks:
         where = study.run.path / "directions" / f"sae-k{k}"
         main = study.run.path / "directions" / "sae"
         key = key_of(study.key("scoring"), sae_fingerprint(sae), directions_key(dense), to_dict(cfg.recipe), k,
-                     study.key("output_scores") if output is not None else None, k == cfg.main_k)
+                     study.key("output_scores") if output is not None else None, k == cfg.main_k,
+                     study.key("concept_scoring") if concepts is not None else None, weight)
         dirs = study.run.reuse(f"directions_sae_k{k}", key, lambda: (
             EmotionDirections.load(where), k != cfg.main_k or EmotionDirections.load(main))[0])
         if dirs is None:
             with study.run.stage(f"directions_sae_k{k}", key):
-                dirs = build_sae(scores, sae.W_dec, k, study.layer, dense, cfg.recipe, output)
+                dirs = build_sae(scores, sae.W_dec, k, study.layer, dense, cfg.recipe, output, concepts, weight)
                 dirs.metadata.update({"model": model_identity(study.model).name, "corpus": study.corpus_key,
                                       "sae": study.run.manifest.get("sae", {}).get("path")})
                 dirs.save(where)
