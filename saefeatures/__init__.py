@@ -7,7 +7,7 @@ called, so ``import saefeatures`` stays light):
     >>> model = sf.load_model("smollm2-135m-instruct")
     >>> dense = sf.dense_directions(model)                      # one unit vector per emotion
     >>> dense.read(model, ["I can't stop smiling today."])[0]["happy"]
-    >>> sae = sf.load_sae(None, model, layer=20)                # the shipped SAE
+    >>> sae = sf.load_sae(None, model, layer=18)                # the shipped SAE
     >>> sae_dirs = sf.sae_directions(model, sae, dense, k=16)   # the same, assembled from SAE latents
     >>> happy = sf.emotion_steering(model, dense, emotions={"happy": 0.3})
     >>> with happy.applied(model):                              # TransformerLens hooks, inside the with only

@@ -41,7 +41,7 @@ SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCaus
 
 # Layer used when a config names none: about two thirds of the depth, as in the paper,
 # or what a layer sweep picked for the model.
-DEFAULT_LAYERS = {EMBEDDED_NAME: 20, "gpt2-small": 8, "gemma-2-2b": 12, "llama-3.1-8b": 20}
+DEFAULT_LAYERS = {EMBEDDED_NAME: 18, "gpt2-small": 8, "gemma-2-2b": 12, "llama-3.1-8b": 20}
 # (n_layers, d_model) of the models the configs name, so a config is checked before the model loads.
 KNOWN_SHAPES = {EMBEDDED_NAME: (30, 576), "gpt2-small": (12, 768), "google/gemma-2-2b": (26, 2304),
                 "meta-llama/Llama-3.1-8B": (32, 4096)}
@@ -341,7 +341,7 @@ def resolve_layer(layer: int | None, name: str, n_layers: int | None = None) -> 
 
     Example:
         >>> resolve_layer(None, "smollm2-135m-instruct")
-        20
+        18
     """
     return layer if layer is not None else default_layer(name, n_layers)
 

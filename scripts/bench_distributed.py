@@ -46,7 +46,7 @@ def _rank(rank: int, size: int, port: int, args: argparse.Namespace, out: str) -
     world = init_world()
     device = f"cuda:{rank}" if args.device == "cuda" else "cpu"
     model = load_model(device=device)
-    sae = load_sae(None, model, layer=20)
+    sae = load_sae(None, model, layer=18)
     records = _records(args.records)
     pooling = ActivationConfig()
     world.sync("loaded")

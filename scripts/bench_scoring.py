@@ -38,7 +38,7 @@ def _peak(n: int) -> None:
     from saefeatures.sae.scoring import ScoringConfig, score_latents
 
     model = load_model()
-    sae = load_sae(None, model, layer=20)
+    sae = load_sae(None, model, layer=18)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     score_latents(model, sae, _records(n), ScoringConfig())
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -60,13 +60,13 @@ def main() -> None:
     from saefeatures.sae.scoring import ScoringConfig, score_latents
 
     model = load_model()
-    sae = load_sae(None, model, layer=20)
+    sae = load_sae(None, model, layer=18)
     records = _records(args.records[0])
     scale = records[:: max(1, len(records) // 32)]  # a small warm-up, timed apart
     n_tokens = sum(len(t) for t in tokenize_texts(model.tokenizer, [r.text for r in records], 256))
-    collect_pooled(model, records[:8], ActivationConfig(), layers=[20])  # warm-up
+    collect_pooled(model, records[:8], ActivationConfig(), layers=[18])  # warm-up
     t0 = time.perf_counter()
-    collect_pooled(model, records, ActivationConfig(), layers=[20])
+    collect_pooled(model, records, ActivationConfig(), layers=[18])
     t_collect = time.perf_counter() - t0
     t0 = time.perf_counter()
     score_latents(model, sae, scale, ScoringConfig(), scale_records=scale)

@@ -62,7 +62,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     model = load_model()
-    layer, hook = 20, "blocks.20.hook_resid_post"
+    layer, hook = 18, "blocks.18.hook_resid_post"
     if args.directions:
         dirs = EmotionDirections.load(args.directions)
         layer, hook = dirs.layer, dirs.hook

@@ -6,7 +6,7 @@ torch.distributed came in with one code path (a single process is world size 1, 
 do nothing): this measures that the single process pays nothing for it. ``--against`` (default: the
 last commit before the distributed merge) is checked out into a temporary git worktree; each round
 runs `score_latents` on the same records (the first ``--records`` of this tree's corpus, train
-split, the shipped model and SAE, one thread) once with each tree's code, in fresh processes, in
+split, the shipped model and this tree's shipped SAE, one thread) once with each tree's code, in fresh processes, in
 alternating order. Prints each time, the medians and their ratio, and the load average (the
 figures of a shared machine depend on it).
 """
@@ -33,10 +33,10 @@ from saefeatures.activations import ActivationConfig
 from saefeatures.corpus import load_corpus
 from saefeatures.models import load_model
 from saefeatures.sae import ScoringConfig, load_sae, score_latents
-corpus, n = sys.argv[1], int(sys.argv[2])
+corpus, n, sae_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 records = [r for r in load_corpus(corpus) if r.split == "train"][:n]
 model = load_model()
-sae = load_sae(None, model, layer=20)
+sae = load_sae(sae_dir, model, layer=18)
 t0 = time.perf_counter()
 scores = score_latents(model, sae, records, ScoringConfig(), ActivationConfig())
 print(json.dumps({"seconds": time.perf_counter() - t0,
@@ -46,7 +46,8 @@ print(json.dumps({"seconds": time.perf_counter() - t0,
 
 def run_once(tree: Path, corpus: Path, n: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", CHILD, str(corpus), str(n)], env=env, cwd=tree,
+    sae_dir = ROOT / "saefeatures" / "data" / "sae" / "smollm2-135m-instruct-L18"
+    out = subprocess.run([sys.executable, "-c", CHILD, str(corpus), str(n), str(sae_dir)], env=env, cwd=tree,
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -297,13 +297,13 @@ def test_sae_variants_are_planned_in_a_fixed_order_each_in_its_own_directory(tmp
 
     cfg = RunConfig()
     [one] = plan_variants(cfg)  # no --layers or --widths: the config's SAE, where it always went
-    assert (one.layer, one.width, one.out) == (20, 4608, Path("runs/sae/smollm2-135m-instruct-L20"))
+    assert (one.layer, one.width, one.out) == (18, 4608, Path("runs/sae/smollm2-135m-instruct-L18"))
     variants = plan_variants(cfg, [10, 20, 10], [4608, 9216], tmp_path / "o", tmp_path / "ship")
     assert [v.name for v in variants] == ["L10-W4608", "L20-W4608", "L10-W9216", "L20-W9216"]
     assert variants[3].out == tmp_path / "o" / "L20-W9216" and variants[3].ship == tmp_path / "ship" / "L20-W9216"
     assert World(1, 2).mine(variants) == variants[1::2]  # each rank gets one of each width
-    assert [v.name for v in plan_variants(cfg, widths=[64])] == ["L20-W64"]
-    assert plan_variants(cfg, widths=[64])[0].out == Path("runs/sae/smollm2-135m-instruct/L20-W64")
+    assert [v.name for v in plan_variants(cfg, widths=[64])] == ["L18-W64"]
+    assert plan_variants(cfg, widths=[64])[0].out == Path("runs/sae/smollm2-135m-instruct/L18-W64")
 
 
 def test_corpus_validate_rejects_an_empty_corpus(tmp_path, capsys):
@@ -398,5 +398,5 @@ def test_steer_with_latents_only_uses_the_shipped_sae_and_says_clamp(monkeypatch
     monkeypatch.setattr(commands, "steer_prompts", lambda model, spec, prompts, **kw: [{"prompt": prompts[0]}])
     cli.main(["steer", "--latent", "4068=60", "--prompt", "Hi"])
     printed = json.loads(capsys.readouterr().out)
-    assert seen["layer"] == 20 and Path(seen["spec"].path) == shipped_sae_dir("smollm2-135m-instruct", 20)
+    assert seen["layer"] == 18 and Path(seen["spec"].path) == shipped_sae_dir("smollm2-135m-instruct", 18)
     assert printed["spec"]["method"] == "clamp" and printed["applies"] == ["clamp SAE latents (set): 4068=60"]

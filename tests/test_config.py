@@ -9,7 +9,7 @@ def test_default_config_loads_typed():
     cfg = load_config("configs/smollm2-135m.yaml")
     assert isinstance(cfg, RunConfig)
     assert cfg.model.name == "smollm2-135m-instruct"
-    assert cfg.model.layer == 20
+    assert cfg.model.layer == 18
     assert cfg.corpus.build.generation.top_p == 0.95
     assert cfg.corpus.build.split_fractions == pytest.approx((2 / 3, 5 / 6))
 

@@ -106,7 +106,7 @@ def test_identity_and_default_layer(model):
     ident = M.model_identity(model)
     assert ident.name == "smollm2-135m-instruct" and ident.sha256 == MC.EMBEDDED_SHA256
     assert ident.architecture == "LlamaForCausalLM" and ident.n_layers == 30
-    assert M.default_layer("smollm2-135m-instruct") == 20
+    assert M.default_layer("smollm2-135m-instruct") == 18
     assert M.default_layer("some-new-model", n_layers=30) == 20
     with pytest.raises(MC.ModelLoadError, match="No default layer"):
         M.default_layer("some-new-model")

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.dtype  # activations and scoring run in the dtype 'auto
 def test_run_writes_manifest_metrics_report_and_directions(small_run):
     _, out, run = small_run
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["model"] == {"id": "smollm2-135m-instruct", "layer": 20}
+    assert metrics["model"] == {"id": "smollm2-135m-instruct", "layer": 18}
     assert metrics["corpus"]["n_stories"] > 100 and metrics["corpus"]["n_emotions"] == len(EMOTIONS)
     for section in ("dense", "sae.k1", "sae.k4"):
         d = metrics
@@ -57,7 +57,7 @@ def test_run_writes_manifest_metrics_report_and_directions(small_run):
     assert machine["cpu"] and isinstance(machine["cpu_flags"], list) and machine["torch_threads"] >= 1
     dense = EmotionDirections.load(out / "directions" / "dense")
     sae = EmotionDirections.load(out / "directions" / "sae")
-    assert dense.layer == sae.layer == 20 and len(dense.names) == len(EMOTIONS)
+    assert dense.layer == sae.layer == 18 and len(dense.names) == len(EMOTIONS)
     assert all(len(sae.latents[n]) <= 4 for n in sae.names) and dense.latents == {}
     # the default recipe adds each emotion's concept sentences, pooled once at every layer
     assert dense.metadata["concept_weight"] == 2.0 and dense.metadata["n_concept_emotions"] == len(EMOTIONS)
@@ -66,7 +66,7 @@ def test_run_writes_manifest_metrics_report_and_directions(small_run):
     assert sae.metadata["concept_weight"] == 2.0  # the SAE's latents are ranked on the sentences too
     assert list((out / "wandb").glob("offline-run-*"))
     sweep = json.loads((out / "sweep.json").read_text())
-    assert [row["layer"] for row in sweep] == [12, 20]
+    assert [row["layer"] for row in sweep] == [12, 18]
     assert sweep[1]["valence_r"] == pytest.approx(metrics["dense"]["valence_r"])  # same recipe, same data
     assert isinstance(metrics["layer_sweep"]["L12"]["auroc"], float)
 

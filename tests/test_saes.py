@@ -233,17 +233,17 @@ def test_resid_post_of_a_layer_is_resid_pre_of_the_next():
 
 def test_shipped_sae_is_the_configs_default(model):
     cfg = load_config(CONFIGS / "smollm2-135m.yaml")
-    assert (cfg.sae.source, cfg.sae.path, cfg.model.layer) == ("local", None, 20)
+    assert (cfg.sae.source, cfg.sae.path, cfg.model.layer) == ("local", None, 18)
     sae = load_sae(cfg.sae, model, layer=cfg.model.layer)
-    assert sae.cfg.metadata.hook_name == "blocks.20.hook_resid_post"
+    assert sae.cfg.metadata.hook_name == "blocks.18.hook_resid_post"
     assert sae.cfg.d_sae == cfg.sae.train.width and sae.W_enc.dtype == torch.float32
-    info = sae_info(shipped_sae_dir("smollm2-135m-instruct", 20))
+    info = sae_info(shipped_sae_dir("smollm2-135m-instruct", 18))
     assert info["weights_bytes"] < 25_000_000
     assert info["evals"]["explained_variance"] >= 0.8 and info["evals"]["l0"] <= 64
     tokens = model.tokenizer("He slammed the door so hard the pictures rattled on the wall.",
                              return_tensors="pt").input_ids
-    _, cache = model.run_with_cache(tokens, names_filter="blocks.20.hook_resid_post", stop_at_layer=21)
-    x = cache["blocks.20.hook_resid_post"][0, 1:]  # position 0 is the attention sink
+    _, cache = model.run_with_cache(tokens, names_filter="blocks.18.hook_resid_post", stop_at_layer=19)
+    x = cache["blocks.18.hook_resid_post"][0, 1:]  # position 0 is the attention sink
     fvu = (sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert fvu < 0.4
 

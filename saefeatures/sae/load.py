@@ -12,7 +12,7 @@ SAELens does the work; this module wires it to the toolkit's model and layer:
 Example:
     >>> from saefeatures import load_model, load_sae
     >>> model = load_model("smollm2-135m-instruct")
-    >>> sae = load_sae(None, model, layer=20)          # the shipped default
+    >>> sae = load_sae(None, model, layer=18)          # the shipped default
     >>> with spliced(model, sae):
     ...     logits = model("I can't stop smiling today.")
 """
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHIPPED_DIR = DATA / "sae"
-SHIPPED_SAES = {("smollm2-135m-instruct", 20): SHIPPED_DIR / "smollm2-135m-instruct-L20"}
+SHIPPED_SAES = {("smollm2-135m-instruct", 18): SHIPPED_DIR / "smollm2-135m-instruct-L18"}
 """Shipped SAEs by (model name, layer)."""
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"  # SAELens' file names
 

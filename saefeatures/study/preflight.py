@@ -346,7 +346,7 @@ def check_steer(cfg: RunConfig, spec: SteeringSpec, dirs: EmotionDirections | No
                         d_model=shape[1] if shape else None)
     elif cfg.sae.source == "train" or (cfg.sae.source == "local" and cfg.sae.path is None and layer is None):
         raise UserError(f"{what} needs an SAE: give --sae DIR, or a config whose sae.path or model.layer "
-                        "names one (the shipped SAE is at layer 20).")
+                        "names one (the shipped SAE is at layer 18).")
     else:
         try:
             check_sae_config(replace(cfg, model=replace(cfg.model, layer=layer)))
