@@ -70,7 +70,7 @@ def write_config(path, text: str) -> str:
     return str(path)
 
 
-def write_sae(path, d_in=576, d_sae=64, hook="blocks.20.hook_resid_post", weights_d_sae=None, **cfg_changes):
+def write_sae(path, d_in=576, d_sae=64, hook="blocks.18.hook_resid_post", weights_d_sae=None, **cfg_changes):
     path.mkdir(parents=True, exist_ok=True)
     cfg = {"architecture": "standard", "d_in": d_in, "d_sae": d_sae, "dtype": "float32",
            "metadata": {"hook_name": hook}, **cfg_changes}
@@ -167,7 +167,7 @@ def test_good_small_corpus_gets_past_the_checks(tmp_path, capsys):
 @pytest.mark.parametrize("case, message", [
     ("width", r"sae_weights\.safetensors holds W_enc of shape \[576, 64\], but cfg\.json says d_in 576, d_sae 100"),
     ("hook", r"Hook mismatch: the SAE in .* reads 'blocks\.6\.hook_resid_post', but the config studies "
-             r"'blocks\.20\.hook_resid_post'"),
+             r"'blocks\.18\.hook_resid_post'"),
     ("d_model", r"Width mismatch: the SAE in .* has input width d_in 32, but the model has d_model 576"),
     ("no weights", r"not a SAELens SAE directory: sae_weights\.safetensors missing"),
     ("bad cfg.json", r"cfg\.json: not valid JSON"),
@@ -212,7 +212,7 @@ def test_sae_width_mismatch_when_loading_is_one_clear_error(tmp_path):
 def write_directions(path, names=("happy", "sad", "afraid")) -> str:
     from saefeatures.directions import EmotionDirections
 
-    EmotionDirections(list(names), 20, torch.nn.functional.normalize(torch.randn(len(names), 576), dim=1)).save(path)
+    EmotionDirections(list(names), 18, torch.nn.functional.normalize(torch.randn(len(names), 576), dim=1)).save(path)
     return str(path)
 
 

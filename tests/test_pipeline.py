@@ -192,7 +192,7 @@ def test_card_snippets_are_the_peak_window_of_the_whole_record(small_run, model)
 
     cfg, out, _ = small_run
     cards = json.loads((out / "figures" / "cards.json").read_text())
-    sae = load_sae(cfg.sae, model, 20)
+    sae = load_sae(cfg.sae, model, 18)
     dtype = json.loads((out / "manifest.json").read_text())["machine"]["dtypes"]["scoring"]
     scorer = with_dtype(model, dtype)  # the reference forward pass in the dtype the scoring pass ran in
     tol = dtype_tolerance(dtype, abs_float32=1e-3)
