@@ -6,7 +6,7 @@ Reads everything from the run config (configs/*.yaml): model name, layer, device
 architecture, width, k, batch sizes and training tokens (`sae.train`). Rerun the same command to
 resume from the latest checkpoint.
 
-    python train/train_sae.py configs/smollm2-135m.yaml --out runs/sae/smollm2-135m-instruct-L20
+    python train/train_sae.py configs/smollm2-135m.yaml --out runs/sae/smollm2-135m-instruct-L18
     python train/train_sae.py configs/gemma-2-2b.yaml --device cuda --tokens 50000000
 """
 
