@@ -212,3 +212,33 @@ def test_card_snippets_are_the_peak_window_of_the_whole_record(small_run, model)
             assert "".join(snip["tokens"]) in model.tokenizer.decode(ids)
             checked += 1
     assert checked >= 4
+
+
+def test_concept_scoring_pass_pools_the_concept_sentences(small_run, model, tmp_path, monkeypatch):
+    """The concept sentences go through the model once: the SAE's scoring pass stores their pooled
+    rows, and the concept activation stage reads them back, as a pass of its own would pool them."""
+    import torch
+
+    import saefeatures.activations as A
+    from saefeatures.concepts import concept_sentences
+    from saefeatures.study.pipeline import open_study
+    from saefeatures.study.sae_stages import stage_concept_scores, stage_sae
+    from saefeatures.study.stages import stage_concepts
+
+    cfg, _, _ = small_run
+    study = open_study(cfg, tmp_path / "run", model=model)
+    try:
+        stage_concept_scores(study, stage_sae(study))
+        real, passes = A.forward_hooks, []
+        monkeypatch.setattr(A, "forward_hooks", lambda *a, **kw: passes.append(1) or real(*a, **kw))
+        acts, emotions = stage_concepts(study)
+        assert passes == []  # every row came from the scoring pass
+        monkeypatch.setattr(A, "forward_hooks", real)
+        sentences = concept_sentences(sorted(EMOTIONS))
+        assert emotions == [s.emotion for s in sentences] and acts.ids == [s.id for s in sentences]
+        fresh = A.collect_pooled(model, sentences, cfg.activations, layers=study.layers, progress=False)
+        for hook in fresh.acts:
+            cos = torch.nn.functional.cosine_similarity(acts[hook], fresh[hook], dim=-1)
+            assert cos.min() > 0.99, hook
+    finally:
+        study.run.close()

@@ -37,7 +37,8 @@ from .machine import machine_info, stage_dtypes
 from .preflight import check_model, check_run, check_sae_config, corpus_path
 from .probe_stages import stage_monitor, stage_probes, stage_steering
 from .rundir import RunDir, package_versions
-from .sae_stages import log_artifacts, stage_cards, stage_sae, stage_sae_directions, stage_scores
+from .sae_stages import (log_artifacts, stage_cards, stage_concept_scores, stage_sae, stage_sae_directions,
+                         stage_scores)
 from .stages import (eval_data, report_directions, stage_activations, stage_corpus, stage_concepts,
                      stage_corpus_audit, stage_dense, stage_emobank, stage_reader, stage_sweep)
 from .tracking import Tracker, report_tables
@@ -135,6 +136,7 @@ def run_study(cfg: RunConfig, out: Path | str, config_path: str | None = None, m
         with tracker:
             sae = stage_sae(study)
             scores = stage_scores(study, sae)  # also pools the train split for the activation stage
+            stage_concept_scores(study, sae)  # also pools the concept sentences for stage_concepts
             acts = stage_activations(study)
             emobank = stage_emobank(study)
             data = eval_data(study, acts, emobank)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..activations import PooledStore
 from ..concepts import concept_sentences, templates_key
 from ..corpus import DEFAULT_CORPUS, load_corpus
 from ..directions import EmotionDirections
@@ -35,7 +36,7 @@ from ..sae.data import held_out_texts
 from ..sae.effects import output_scores
 from ..sae.train import TrainResult, finished
 from .config import RunConfig, to_dict
-from .context import Study, directions_key, exists_or_raise, pooling, reuse_together
+from .context import Study, activations_dir, directions_key, exists_or_raise, pooling, reuse_together
 from .stages import report_directions, shared_store
 from .tracking import Tracker
 
@@ -119,7 +120,7 @@ def stage_scores(study: Study, sae) -> LatentScores:
 def stage_concept_scores(study: Study, sae) -> LatentScores | None:
     """Latent scores of the concept sentences (`saefeatures.concepts`) of the scored emotions, which
     SAE directions rank latents by beside the stories' (rank 0 alone); None when
-    ``directions.concept_weight`` is 0."""
+    ``directions.concept_weight`` is 0. The pass also pools the sentences for `stage_concepts`."""
     if study.cfg.directions.concept_weight <= 0:
         return None
     cfg = study.cfg.scoring
@@ -130,10 +131,20 @@ def stage_concept_scores(study: Study, sae) -> LatentScores | None:
     scores = study.run.reuse("concept_scoring", key, lambda: LatentScores.load(out))
     if scores is None:
         with study.run.stage("concept_scoring", key):
-            scores = score_latents(study.model, sae, concept_sentences(emotions), cfg, study.cfg.activations,
-                                   desc="concept scoring")
+            sentences = concept_sentences(emotions)
+            scores = score_latents(study.model, sae, sentences, cfg, study.cfg.activations, desc="concept scoring",
+                                   pooled=concept_store(study, sae, sentences))
             scores.save(out)
     return scores
+
+
+def concept_store(study: Study, sae, sentences) -> PooledStore | None:
+    """The concept activation stage's store, for the concept scoring pass to fill as it goes when
+    the SAE reads the studied hook (rank 0 alone: no exchange with the other ranks)."""
+    if sae.cfg.metadata.hook_name != study.hook:
+        return None
+    return PooledStore(activations_dir(study, "concepts"), pooling(study), study.cfg.activations.shard_records,
+                       records=sentences)
 
 
 def stage_output_scores(study: Study, sae, scores: LatentScores) -> torch.Tensor:

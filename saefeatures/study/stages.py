@@ -163,7 +163,8 @@ def stage_sweep(study: Study, acts: PooledActivations, emobank: tuple[PooledActi
 
 def stage_concepts(study: Study) -> tuple[PooledActivations, list[str]] | None:
     """Pooled concept sentences (`saefeatures.concepts`) of the train split's emotions at every
-    pooled layer, and their emotions; None when ``directions.concept_weight`` is 0."""
+    pooled layer, and their emotions; None when ``directions.concept_weight`` is 0. Rows the
+    concept scoring pass already stored (`sae_stages.stage_concept_scores`) are read back."""
     if study.cfg.directions.concept_weight <= 0:
         return None
     emotions = sorted({r.emotion for r in study.records if r.split == "train" and r.emotion != "neutral"})
