@@ -2,7 +2,8 @@
 
     python scripts/bench_recipes.py [--stories ../shared/data/emotion-vector-bench/stories] \
         [--work runs/bench-recipes] [--per-emotion 8] [--recipes say,prefill,cause,diary] \
-        [--bench-per-topic 2] [--temperature 0.8] [--report-only]
+        [--bench-per-topic 2] [--temperature 0.8] [--steer 0.1 --steer-directions RUN/directions/dense]
+        [--report-only]
 
 For the emotions of the external story set that are among the 171 (19 for emotion-vector-bench),
 each recipe (`saefeatures.recipes`) writes ``--per-emotion`` texts per emotion on the same training
@@ -16,7 +17,9 @@ and topic), z-scored per direction as `saefeatures.evals.reader` does.
 Rows besides the generated recipes: the shipped corpus with 8, 16 (its train split) and all ~24
 stories per emotion; recognition and near-duplicate filters; the shipped stories plus each recipe's
 (more per emotion); ten templated one-line sentences per emotion naming it (a reference, not
-model-written); mixes.
+model-written), alone and added with weight 2 to each recipe's directions (as the default dense
+recipe adds its concept sentences); mixes. With ``--steer`` the recipes are written steered along
+each emotion's direction from a run (`saefeatures.writer_steering`, ``corpus.build.steer``).
 Everything computed is cached under --work (JSON texts, safetensors activations): a rerun
 resumes generation at the first unfinished chunk and only prints once all is there.
 """
@@ -24,6 +27,7 @@ resumes generation at the first unfinished chunk and only prints once all is the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -91,12 +95,13 @@ def main() -> None:
     from saefeatures.corpus import clean_text, load_corpus
     from saefeatures.emotions import emotion_forms
     from saefeatures.corpus_import import read_story_set
-    from saefeatures.directions import DirectionConfig, build_dense
+    from saefeatures.directions import DirectionConfig, EmotionDirections, build_dense
     from saefeatures.emotions import NAMES
     from saefeatures.evals.reader import score_reading
     from saefeatures.generation import GenerationConfig, Generator, batch_seed
     from saefeatures.models import hf_twin, load_model
     from saefeatures.recipes import RECIPES, character_name, read_texts
+    from saefeatures.writer_steering import writer_vectors, writing_steered
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stories", default=DEFAULT_STORIES)
@@ -109,6 +114,11 @@ def main() -> None:
                    help="sampling temperature of the generated recipes (use a fresh --work per value)")
     p.add_argument("--draw", type=int, default=0,
                    help="another draw of the generated recipes: other train topics and seeds (0: the first)")
+    p.add_argument("--steer", type=float, default=0.0,
+                   help="write the generated recipes steered along each emotion's direction from --steer-directions, "
+                        "x the mean residual norm (corpus.build.steer; use a fresh --work per value)")
+    p.add_argument("--steer-directions", default="runs/smollm2-135m/directions/dense",
+                   help="directions folder to steer the writer with (a run on the shipped corpus)")
     p.add_argument("--report-only", action="store_true", help="print what is cached, generate and read nothing")
     args = p.parse_args()
     if not Path(args.stories).exists():
@@ -120,7 +130,8 @@ def main() -> None:
     recipes = [r for r in args.recipes.split(",") if r]
     print(f"command: python scripts/bench_recipes.py --stories {args.stories} --work {args.work} "
           f"--per-emotion {args.per_emotion} --recipes {args.recipes} --bench-per-topic {args.bench_per_topic}"
-          + (f" --draw {args.draw}" if args.draw else "") + f" --temperature {args.temperature}")
+          + (f" --draw {args.draw}" if args.draw else "") + f" --temperature {args.temperature}"
+          + (f" --steer {args.steer} --steer-directions {args.steer_directions}" if args.steer else ""))
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
     print(f"machine: {cpu}, torch {torch.__version__}, "
@@ -173,6 +184,15 @@ def main() -> None:
         plan += [(e, t, k) for t in topics for k in range(2)][: args.per_emotion]
     gens = {}
     sfx = f"_d{args.draw}" if args.draw else ""
+    steering = {}
+
+    def writer():
+        """(vector per emotion, hook) of --steer, computed once."""
+        if not steering:
+            dirs = EmotionDirections.load(args.steer_directions)
+            m, hf = model()
+            steering.update(vectors=writer_vectors(hf, m.tokenizer, dirs, args.steer), hook=dirs.hook)
+        return steering["vectors"], steering["hook"]
     for rname in recipes:
         rec = RECIPES[rname]
         path = work / f"gen_{rname}{sfx}.json"
@@ -187,6 +207,8 @@ def main() -> None:
                 chunk = plan[s0: s0 + args.chunk]
                 rendered = [rec.render(t, e, character_name(args.draw, f"{rname}/{e}/{t}/{k}")) for e, t, k in chunk]
                 banned = None
+                if rec.ban_words and args.steer:
+                    sys.exit("--steer steers mixed-emotion chunks; use a recipe without banned words (prefill).")
                 if rec.ban_words:  # one emotion per call so its words can be banned
                     outs = []
                     for e in sorted({c[0] for c in chunk}):
@@ -196,8 +218,13 @@ def main() -> None:
                         outs += list(zip(rows, o))
                     outs = [o for _, o in sorted(outs)]
                 else:
-                    outs = gen.generate([r[0] for r in rendered], seed=batch_seed(args.draw, f"{rname}/{s0}"), banned=banned,
-                                        prefills=[r[1] for r in rendered])
+                    steered = contextlib.nullcontext()
+                    if args.steer:  # one vector per row: each prompt's own emotion
+                        vectors, hook = writer()
+                        steered = writing_steered(hf, torch.stack([vectors[e] for e, _, _ in chunk]), hook)
+                    with steered:
+                        outs = gen.generate([r[0] for r in rendered], seed=batch_seed(args.draw, f"{rname}/{s0}"),
+                                            banned=banned, prefills=[r[1] for r in rendered])
                 for (e, t, k), (prompt, pre), o in zip(chunk, rendered, outs):
                     text = trim_tail(pre + o) if pre else clean_text(o)
                     done.append({"emotion": e, "topic": t, "prompt": prompt, "prefill": pre, "text": text})
@@ -222,12 +249,16 @@ def main() -> None:
     bl = [s.emotion for s in bench]
     rows = []
 
-    def evaluate(label: str, acts: torch.Tensor, labels: list[str], kept: str = "", note: str = ""):
+    def evaluate(label: str, acts: torch.Tensor, labels: list[str], kept: str = "", note: str = "",
+                 concepts: bool = False):
+        """One row: dense directions of ``acts`` (with ``concepts``: plus the templated one-liners,
+        weight 2, as the default dense recipe adds its concept sentences) reading the external stories."""
         counts = {e: labels.count(e) for e in names}
         if min(counts.values()) == 0:
             rows.append((label, len(labels), kept, None, note + f" (no texts for {[e for e, c in counts.items() if not c]})"))
             return
-        d = build_dense(acts, labels, neutral_acts, LAYER, DirectionConfig(), f"blocks.{LAYER}.hook_resid_post")
+        d = build_dense(acts, labels, neutral_acts, LAYER, DirectionConfig(concept_weight=2.0 if concepts else 0.0),
+                        f"blocks.{LAYER}.hook_resid_post", concepts=(T["pooled"], T_labels) if concepts else None)
         d = d.subset(names)
         res = score_reading(d.project(B["pooled"]).numpy(), bl, names)
         rows.append((label, len(labels), kept, res, note))
@@ -281,6 +312,8 @@ def main() -> None:
         names_it = np.mean([bool(re.search(r"\b" + re.escape(i["emotion"]) + r"\b", i["text"][len(i["prefill"]):],
                                            re.I)) for i in items])
         evaluate(f"{rname}", r["pooled"], lab, note=f"names it (after prefill) {names_it:.2f}")
+        if T:
+            evaluate(f"{rname} + templated one-liners (weight 2)", r["pooled"], lab, concepts=True)
         evaluate(f"{rname}, emotion tokens masked", r["pooled_masked"], lab)
         idx = best_per_emotion(r["rank"], r["logp"], lab, 0.5)
         evaluate(f"{rname}, best 50%/emotion by recognition", r["pooled"][idx], [lab[i] for i in idx],

@@ -275,6 +275,19 @@ def test_other_subcommands_check_before_loading(tmp_path, capsys):
         ["corpus", "build", "--emotions", "happy,hapy", "--out", tmp_path / "b.jsonl"], capsys)
 
 
+@pytest.mark.parametrize("build, message", [
+    ("steer: 0.1", r"corpus\.build\.steer > 0 needs corpus\.build\.steer_directions"),
+    ("steer: 0.1\n    steer_directions: MISSING", r"corpus\.build\.steer_directions: cannot load directions from .*nope"),
+    ("steer: 0.1\n    steer_directions: DIRS", r"has no direction for 1 emotion\(s\) of the build \(calm\)"),
+    ("steer: -1", r"corpus\.build\.steer: must be a number >= 0"),
+])
+def test_steered_corpus_build_checks_its_directions_before_loading(tmp_path, capsys, build, message):
+    build = build.replace("MISSING", str(tmp_path / "nope")).replace("DIRS", write_directions(tmp_path / "dirs"))
+    cfg = write_config(tmp_path / "c.yaml", f"corpus:\n  build:\n    emotions: [happy, calm]\n    {build}\n")
+    err = fails(["corpus", "build", "--config", cfg, "--out", tmp_path / "b.jsonl"], capsys)
+    assert re.search(message, err), err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--widths", "4608", "0"], r"--widths 0: a width is a positive whole number of latents"),
     (["--widths", "4608", "wide"], r"--widths wide: expected whole numbers, e\.g\. --widths 4608 9216"),

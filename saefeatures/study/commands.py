@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..audit import audit_corpus
 from ..corpus import DEFAULT_CORPUS, corpus_stats, lexicon_valence_check, load_corpus, read_records, validate_corpus
-from ..corpus_build import build_corpus, compress, done_batches
+from ..corpus_build import build_corpus, compress, done_batches, load_steer_directions
 from ..corpus_import import import_corpus
 from ..directions import EmotionDirections
 from ..distributed import RankFailure, joined, rank_tag
@@ -38,7 +38,7 @@ from .pipeline import open_study, run_study
 from .preflight import (check_corpus, check_model, check_sae_config, check_steer, check_training_corpus,
                         check_values)
 from .reading import FinishedRun, format_readings, read_texts
-from .sae_stages import evaluate_run_sae, stage_sae, stage_sae_directions, stage_scores
+from .sae_stages import evaluate_run_sae, stage_concept_scores, stage_sae, stage_sae_directions, stage_scores
 from .sae_variants import plan_variants, train_variants, variants_dir, variants_summary
 from .stages import eval_data, report_directions, stage_activations, stage_concepts, stage_dense, stage_emobank
 
@@ -79,6 +79,7 @@ def cmd_corpus_build(args: argparse.Namespace) -> None:
         build.general_texts = args.general_texts
     check_values(cfg)
     check_model(cfg)
+    load_steer_directions(build)  # missing or incomplete steering directions fail here, not after loading
     done_batches(Path(args.out), args.skip_corrupt)  # a corrupt build file to resume fails here, not after loading
     with joined() as world:  # under torchrun the ranks share the batches
         hf, tokenizer, identity = load_hf(cfg.model.name, dtype=resolve_dtype(build.generation.dtype, cfg.model.device),
@@ -187,9 +188,10 @@ def cmd_activations(args: argparse.Namespace) -> None:
 
 def cmd_directions(args: argparse.Namespace) -> None:
     study = open_study(_config(args.config), args.out, args.config)
-    if args.recipe == "sae":  # scoring first: its forward pass also pools the train split
+    if args.recipe == "sae":  # scoring first: its forward passes also pool the train split and concept sentences
         sae = stage_sae(study)
         scores = stage_scores(study, sae)
+        stage_concept_scores(study, sae)
     acts = stage_activations(study)
     evaluate = args.directions_command == "eval"
     data = eval_data(study, acts, stage_emobank(study)) if evaluate else None

@@ -178,6 +178,7 @@ def check_values(cfg: RunConfig) -> None:
         ("corpus.build.generation.temperature", cfg.corpus.build.generation.temperature, 0),
         ("corpus.build.generation.batch_size", cfg.corpus.build.generation.batch_size, 1),
         ("corpus.build.generation.max_new_tokens", cfg.corpus.build.generation.max_new_tokens, 1),
+        ("corpus.build.steer", cfg.corpus.build.steer, 0),
     ):
         _at_least(key, value, minimum)
     if cfg.evals.emobank_path and not Path(cfg.evals.emobank_path).is_file():
