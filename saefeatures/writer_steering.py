@@ -3,10 +3,9 @@ added to its residual stream (issue 14).
 
 The embedded 135M model's own stories carry their emotion weakly. Written while steered along
 the emotion's dense direction from a run on an earlier corpus (`CorpusConfig.steer`), they carry
-it in their words: the model recognises the intended emotion more often and a bag of words
-trained on them reads a strong writer's stories better, and directions averaged over them (read
-unsteered, as every corpus is read) read those stories better (``scripts/bench_recipes.py
---steer``). The strength is in units of the mean residual norm at the directions' hook, as
+it more: the model, reading them, recognises the intended emotion more often, and directions
+averaged over them (read unsteered, as every corpus is read) read a strong writer's stories
+better (``scripts/bench_recipes.py --steer``). The strength is in units of the mean residual norm at the directions' hook, as
 `saefeatures.steering` measures strengths.
 
 Example:
