@@ -86,8 +86,9 @@ class CorpusConfig:
     """If > 0, the model writes each emotion's texts with that emotion's direction from
     ``steer_directions`` added to its residual stream, this times the mean residual norm there
     (`saefeatures.writer_steering`; 0.1 raised the reader test of 8 prefill stories per emotion from
-    AUROC 0.66 to 0.72-0.73 in two draws: scripts/bench_recipes.py --steer). Neutral and general
-    texts are unsteered."""
+    AUROC 0.66 to 0.72-0.73 in two draws: scripts/bench_recipes.py --steer; but a whole corpus so
+    built read them no better and weakened the geometry, while its own held-out numbers jumped:
+    README, corpus section). Neutral and general texts are unsteered."""
     steer_directions: str | None = None
     """A directions folder (`EmotionDirections.save`), e.g. ``RUN/directions/dense`` of a run on an
     earlier corpus; it must hold every emotion built."""
