@@ -5,8 +5,11 @@ The embedded 135M model's own stories carry their emotion weakly. Written while 
 the emotion's dense direction from a run on an earlier corpus (`CorpusConfig.steer`), they carry
 it more: the model, reading them, recognises the intended emotion more often, and directions
 averaged over them (read unsteered, as every corpus is read) read a strong writer's stories
-better (``scripts/bench_recipes.py --steer``). The strength is in units of the mean residual norm at the directions' hook, as
-`saefeatures.steering` measures strengths.
+better, 8 stories per emotion at a time (``scripts/bench_recipes.py --steer``). A whole corpus so
+built did not: its own held-out numbers jumped (the texts carry the direction's imprint) while the
+reader test stayed put and the geometry weakened (README, corpus section). The strength is in
+units of the mean residual norm at the directions' hook, as `saefeatures.steering` measures
+strengths.
 
 Example:
     >>> vectors = writer_vectors(hf, tokenizer, EmotionDirections.load("runs/x/directions/dense"), 0.1)
