@@ -87,9 +87,9 @@ def dense_directions(model: HookedTransformer, records: Sequence | None = None, 
 
 def sae_directions(model: HookedTransformer, sae: SAE, dense: EmotionDirections, k: int = 16,
                    records: Sequence | None = None) -> EmotionDirections:
-    """Directions assembled from ``k`` SAE latents per emotion, chosen by how well they read the
-    emotion on the train split of ``records`` (default: the shipped corpus) and on sentences naming
-    it (weighted as ``dense`` weighted them), and aligned with ``dense``."""
+    """Directions assembled from ``k`` SAE latents per emotion: among those that read the emotion
+    best on the train split of ``records`` (default: the shipped corpus) and on sentences naming it
+    (weighted as ``dense`` weighted them), the ones that together rebuild ``dense`` (`sae.assemble`)."""
     from .concepts import concept_sentences
     from .corpus import load_corpus
     from .sae.assemble import SAERecipeConfig, build_sae

@@ -100,6 +100,8 @@ def run(tmp_path, config_text: str) -> list[str]:
     ("steering:\n  methods: [dense, pca]\n", r"steering\.methods: 'pca' is not one of"),
     ("monitor:\n  emotions: [afraid, scarred]\n", r"monitor\.emotions: Unknown emotion 'scarred'"),
     ("sae:\n  source: hub\n", r"sae\.source: 'hub' is not one of local, pretrained, train"),
+    ("sae_directions:\n  recipe:\n    select: greedy\n", r"sae_directions\.recipe\.select: 'greedy' is not one of pursuit, rank"),
+    ("sae_directions:\n  recipe:\n    candidates: 0\n", r"sae_directions\.recipe\.candidates: must be a number >= 1"),
     ("model:\n  name: no-such-model-xyz\n", r"model\.name: 'no-such-model-xyz' is neither"),
 ])
 def test_bad_config(tmp_path, capsys, text, message):

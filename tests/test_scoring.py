@@ -71,7 +71,7 @@ def test_concept_sentences_weigh_in_the_ranking_as_the_dense_recipe_weighs_them(
     stories = _scores({"afraid": [[3, 2], [2.5, 2], [3.5, 0], [3, 2]], "calm": [[0, 0]] * 4, "happy": [[0, 0]] * 3 + [[0, 1]]})
     sentences = _scores({"afraid": [[0, 3]] * 3, "calm": [[0, 0]] * 3, "happy": [[0, 0]] * 3})
     assert stories.auroc()[0, 0] == pytest.approx(1.0) and sentences.auroc()[0, 1] == pytest.approx(1.0)
-    cfg = SAERecipeConfig()
+    cfg = SAERecipeConfig(select="rank")
     assert select_latents(stories, "afraid", 1, cfg) == [0]
     assert select_latents(stories, "afraid", 1, cfg, concepts=sentences, concept_weight=0.0) == [0]
     # (1 + 2 x 0.5) / 3 = 0.67 for latent 0 against (AUROC_stories + 2 x 1) / 3 > 0.9 for latent 1
@@ -84,6 +84,34 @@ def test_concept_sentences_weigh_in_the_ranking_as_the_dense_recipe_weighs_them(
     dirs = build_sae(stories, torch.eye(2, 4), 1, 6, dense, cfg, concepts=sentences, concept_weight=2.0)
     assert dirs.latents["afraid"] == [(1, 1.0)] and dirs.metadata["concept_weight"] == 2.0
     assert build_sae(stories, torch.eye(2, 4), 1, 6, dense, cfg).metadata["concept_weight"] == 0.0
+
+
+def test_pursuit_picks_latents_that_rebuild_the_dense_direction_among_the_best_ranked():
+    # latents 0-2 read 'afraid' best (mean_diff 5 > 4 > 3) but point almost the same way; latent 3
+    # reads it less and points along the part of the dense direction they miss; latent 4 points
+    # exactly along it but ranks last
+    stories = _scores({"afraid": [[5, 4, 3, 2, 1], [5.5, 4.5, 3.5, 2.5, 1.5]],
+                       "calm": [[0] * 5, [0.5] * 5], "happy": [[0] * 5, [0.5] * 5]})
+    e = torch.eye(4)
+    W_dec = torch.nn.functional.normalize(torch.stack([e[0], e[0] + 0.05 * e[2], e[0] - 0.05 * e[2], e[1],
+                                                       e[0] + e[1]]), dim=1)
+    target = torch.nn.functional.normalize(e[0] + e[1], dim=0)
+    dense = EmotionDirections(["afraid", "calm", "happy"], 6, torch.stack([target, e[2], e[3]]))
+    rank = build_sae(stories, W_dec, 2, 6, dense, SAERecipeConfig(rank_by="mean_diff", select="rank"))
+    pursuit = build_sae(stories, W_dec, 2, 6, dense, SAERecipeConfig(rank_by="mean_diff", candidates=4))
+    assert [i for i, _ in rank.latents["afraid"]] == [0, 1]
+    assert float(rank.vector("afraid") @ target) < 0.75
+    assert [i for i, _ in pursuit.latents["afraid"]] == [0, 3]
+    assert float(pursuit.vector("afraid") @ target) == pytest.approx(1.0, abs=1e-5)
+    assert pursuit.metadata["select"] == "pursuit" and pursuit.metadata["candidates"] == 4
+    # with latent 4 among the candidates one latent rebuilds the direction, and the pursuit stops there
+    wider = build_sae(stories, W_dec, 2, 6, dense, SAERecipeConfig(rank_by="mean_diff", candidates=5))
+    assert wider.latents["afraid"] == [(4, 1.0)]
+    # no dense direction to rebuild: the top k by rank
+    alone = build_sae(stories, W_dec, 2, 6, None, SAERecipeConfig(rank_by="mean_diff", candidates=4))
+    assert [i for i, _ in alone.latents["afraid"]] == [0, 1]
+    with pytest.raises(ValueError, match="select must be one of"):
+        build_sae(stories, W_dec, 2, 6, dense, SAERecipeConfig(select="best"))
 
 
 def test_the_window_around_each_maximum_is_kept():
@@ -177,8 +205,9 @@ def test_histogram_auroc_is_exact_when_values_fall_in_distinct_bins():
 def test_sae_directions_selection_weights_and_layer_check(model, random_sae):
     s = score_latents(model, random_sae, RECS, ScoringConfig(), ActivationConfig(dtype="float32"))
     dense = EmotionDirections(["afraid", "calm", "happy"], 6, torch.nn.functional.normalize(torch.randn(3, 576), dim=1))
-    for weighting in ("lstsq", "score"):
-        dirs = build_sae(s, random_sae.W_dec, 4, 6, dense, SAERecipeConfig(weighting=weighting, min_cohens_d=0.0))
+    for weighting, select in (("lstsq", "pursuit"), ("lstsq", "rank"), ("score", "pursuit"), ("score", "rank")):
+        dirs = build_sae(s, random_sae.W_dec, 4, 6, dense,
+                         SAERecipeConfig(weighting=weighting, min_cohens_d=0.0, select=select))
         assert dirs.names == ["afraid", "calm", "happy"] and dirs.recipe == "sae-k4"
         for name in dirs.names:
             ids = [i for i, _ in dirs.latents[name]]

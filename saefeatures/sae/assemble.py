@@ -2,6 +2,12 @@
 its stories (`sae.scoring`; and, as the dense recipe weights them, the concept sentences naming it,
 `saefeatures.concepts`), weighted to fit the dense direction, their decoder vectors summed.
 
+Which few: by default a pursuit. The latents that read an emotion best are often near-copies of
+one another, so the top k by AUROC span little of the emotion's direction. Instead, among the
+``candidates`` best-ranked latents, each step adds the one whose decoder vector points most along
+what the latents chosen so far leave of the dense direction (non-negative matching pursuit).
+``scripts/bench_sae_recipe.py`` measures it against the top k.
+
 Example:
     >>> dirs = build_sae(scores, sae.W_dec, k=16, layer=20, dense=dense)
     >>> dirs.latents["afraid"]               # [(latent id, weight), ...]
@@ -26,6 +32,12 @@ class SAERecipeConfig:
     """Latents per emotion; one direction set per k."""
     rank_by: str = "auroc"
     """Score that orders candidates: 'auroc', 'cohens_d', 'mean_diff' or 'output'."""
+    select: str = "pursuit"
+    """'pursuit': k of the ``candidates`` best-ranked latents, chosen one at a time to rebuild the
+    dense direction (`pursue_latents`); 'rank': the top k by rank. Without a dense direction to
+    rebuild, 'pursuit' falls back to 'rank'."""
+    candidates: int = 256
+    """Latents the pursuit chooses from: the best-ranked that pass the selectivity filters."""
     min_cohens_d: float = 0.2
     """Minimum selectivity: Cohen's d vs the other emotions (a positive mean difference is required)."""
     output_filter: bool = False
@@ -35,6 +47,7 @@ class SAERecipeConfig:
 
 
 RANKS = ("auroc", "cohens_d", "mean_diff", "output")
+SELECTS = ("pursuit", "rank")
 WEIGHTINGS = ("lstsq", "score")
 
 
@@ -68,6 +81,29 @@ def select_latents(scores, name: str, k: int, cfg: SAERecipeConfig, output: Tens
     return chosen or [int(torch.argmax(rank))]
 
 
+def pursue_latents(decoder: Float[Tensor, "m d_model"], target: Float[Tensor, " d_model"], k: int) -> list[int]:
+    """Up to ``k`` rows of ``decoder``, chosen greedily: each step takes the row (unit-normed) most
+    aligned with the residual of ``target`` after a non-negative least-squares fit on the rows taken
+    so far; it stops early when no row points along the residual."""
+    from scipy.optimize import nnls
+
+    rows = decoder.double()
+    units = (rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-12)).numpy()
+    t = target.double().numpy()
+    chosen: list[int] = []
+    residual = t
+    for _ in range(min(k, len(units))):
+        align = units @ residual
+        align[chosen] = -float("inf")
+        j = int(align.argmax())
+        if align[j] <= 1e-9 * float(abs(t).max()):
+            break
+        chosen.append(j)
+        w, _ = nnls(rows[chosen].numpy().T, t)
+        residual = t - rows[chosen].numpy().T @ w
+    return chosen
+
+
 def latent_weights(decoder: Float[Tensor, "k d_model"], target: Tensor | None, effect: Tensor,
                    weighting: str) -> Tensor:
     """Weights of selected latents: NNLS fit of their decoder vectors to ``target``, or by effect size."""
@@ -86,7 +122,7 @@ def latent_weights(decoder: Float[Tensor, "k d_model"], target: Tensor | None, e
 def build_sae(scores, W_dec: Float[Tensor, "d_sae d_model"], k: int, layer: int,
               dense: EmotionDirections | None = None, cfg: SAERecipeConfig = SAERecipeConfig(),
               output_scores: Tensor | None = None, concepts=None, concept_weight: float = 0.0) -> EmotionDirections:
-    """Per emotion: select k latents, weight them, sum their decoder vectors (unit norm).
+    """Per emotion: select k latents (``cfg.select``), weight them, sum their decoder vectors (unit norm).
 
     ``output_scores`` is (n_emotions_scored, d_sae) in the order of ``scores.classes`` (as
     `sae.effects.output_scores` returns), used by rank_by='output' and output_filter. ``concepts``
@@ -98,13 +134,19 @@ def build_sae(scores, W_dec: Float[Tensor, "d_sae d_model"], k: int, layer: int,
                          "the SAE must read the same model and layer as the dense directions.")
     if dense is not None and dense.layer != layer:
         raise ValueError(f"SAE layer {layer} != dense directions layer {dense.layer}; use an SAE at layer {dense.layer}.")
+    if cfg.select not in SELECTS:
+        raise ValueError(f"select must be one of {SELECTS}, got '{cfg.select}'.")
     names = [c for c in scores.classes if c != "neutral"]
     vectors, latents = [], {}
     W = W_dec.detach().float().cpu()
     for name in names:
         out_row = output_scores[scores.index(name)] if output_scores is not None else None
-        ids = select_latents(scores, name, k, cfg, out_row, concepts, concept_weight)
         target = dense.vector(name) if dense is not None and name in dense.names else None
+        if cfg.select == "pursuit" and target is not None:
+            pool = select_latents(scores, name, max(k, cfg.candidates), cfg, out_row, concepts, concept_weight)
+            ids = [pool[j] for j in pursue_latents(W[pool], target, k)] or pool[:1]
+        else:
+            ids = select_latents(scores, name, k, cfg, out_row, concepts, concept_weight)
         effect = scores.cohens_d()[scores.index(name)][ids]
         w = latent_weights(W[ids], target, effect, cfg.weighting)
         v = (w[:, None] * W[ids]).sum(0)
@@ -114,7 +156,9 @@ def build_sae(scores, W_dec: Float[Tensor, "d_sae d_model"], k: int, layer: int,
                                           if k in POOLING_FIELDS})
     return EmotionDirections(names, layer, torch.stack(vectors), scores.hook, f"sae-k{k}",
                              dense.center if dense is not None else None, latents,
-                             metadata={"k": k, "rank_by": cfg.rank_by, "weighting": cfg.weighting,
+                             metadata={"k": k, "rank_by": cfg.rank_by, "select": cfg.select,
+                                       "candidates": cfg.candidates if cfg.select == "pursuit" else None,
+                                       "weighting": cfg.weighting,
                                        "concept_weight": concept_weight if concepts is not None else 0.0,
                                        "min_cohens_d": cfg.min_cohens_d, "output_filter": cfg.output_filter,
                                        "pooling": pooling_record(pooling, scores.hook, layer),

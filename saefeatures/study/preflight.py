@@ -30,7 +30,7 @@ from ..hook_names import hook_name
 from ..model_cache import EMBEDDED_NAME, ModelLoadError, embedded_model_file
 from ..models import known_shape, resolve_layer
 from ..prompts import SPLITS
-from ..sae.assemble import RANKS, WEIGHTINGS
+from ..sae.assemble import RANKS, SELECTS, WEIGHTINGS
 from ..sae.config import ARCHITECTURES, SOURCES
 from ..sae.load import check_sae_files, shipped_sae_dir
 from ..steering import OPS, POSITIONS, SteeringError, SteeringSpec
@@ -157,6 +157,7 @@ def check_values(cfg: RunConfig) -> None:
         _one_of("sae.train.kinds", kind, KINDS)
     recipe = cfg.sae_directions.recipe
     _one_of("sae_directions.recipe.rank_by", recipe.rank_by, RANKS)
+    _one_of("sae_directions.recipe.select", recipe.select, SELECTS)
     _one_of("sae_directions.recipe.weighting", recipe.weighting, WEIGHTINGS)
     if not recipe.ks or min(recipe.ks) < 1:
         raise ConfigError(f"sae_directions.recipe.ks: give one or more k >= 1, got {recipe.ks}.")
@@ -172,6 +173,7 @@ def check_values(cfg: RunConfig) -> None:
         ("sae.eval.ce_tokens", cfg.sae.eval.ce_tokens, 1),
         ("sae.eval.batch_size", cfg.sae.eval.batch_size, 1),
         ("sae_directions.main_k", cfg.sae_directions.main_k, 1),
+        ("sae_directions.recipe.candidates", recipe.candidates, 1),
         ("sae_directions.output_candidates", cfg.sae_directions.output_candidates, 1),
         ("monitor.calibration_texts", cfg.monitor.calibration_texts, 1),
         ("monitor.window", cfg.monitor.window, 1),
