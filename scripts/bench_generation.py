@@ -60,7 +60,8 @@ def main() -> None:
     except ImportError:
         print("# llama-cpp-python is not installed: no llama.cpp rows (pip install llama-cpp-python)")
         return
-    llm = Llama(model_path=str(embedded_model_file()), n_ctx=1024, n_threads=threads, n_batch=512, seed=0, verbose=False)
+    llm = Llama(model_path=str(embedded_model_file()), n_ctx=1024, n_threads=threads, n_batch=512, seed=0,
+                verbose=False)
     n = args.min_prompts
     rate = llama_rate(llm, tok, prompts[:n], args.new_tokens)
     print(f"{'llama.cpp (GGUF, Q4_1)':>24} {1:5d} {n:7d} {rate:9.1f} {rate / rates[('hf', args.batches[0])]:12.2f}")

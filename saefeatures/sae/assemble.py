@@ -133,7 +133,8 @@ def build_sae(scores, W_dec: Float[Tensor, "d_sae d_model"], k: int, layer: int,
         raise ValueError(f"SAE decoder width {W_dec.shape[1]} != directions d_model {dense.d_model}: "
                          "the SAE must read the same model and layer as the dense directions.")
     if dense is not None and dense.layer != layer:
-        raise ValueError(f"SAE layer {layer} != dense directions layer {dense.layer}; use an SAE at layer {dense.layer}.")
+        raise ValueError(f"SAE layer {layer} != dense directions layer {dense.layer}; "
+                         f"use an SAE at layer {dense.layer}.")
     if cfg.select not in SELECTS:
         raise ValueError(f"select must be one of {SELECTS}, got '{cfg.select}'.")
     names = [c for c in scores.classes if c != "neutral"]
