@@ -203,12 +203,16 @@ def test_histogram_auroc_is_exact_when_values_fall_in_distinct_bins():
 
 
 def test_sae_directions_selection_weights_and_layer_check(model, random_sae):
-    s = score_latents(model, random_sae, RECS, ScoringConfig(), ActivationConfig(dtype="float32"))
+    s = score_latents(model, random_sae, RECS, ScoringConfig(), ActivationConfig(dtype="float32", max_tokens=40,
+                                                                                   skip_first=3))
     dense = EmotionDirections(["afraid", "calm", "happy"], 6, torch.nn.functional.normalize(torch.randn(3, 576), dim=1))
     for weighting, select in (("lstsq", "pursuit"), ("lstsq", "rank"), ("score", "pursuit"), ("score", "rank")):
         dirs = build_sae(s, random_sae.W_dec, 4, 6, dense,
                          SAERecipeConfig(weighting=weighting, min_cohens_d=0.0, select=select))
         assert dirs.names == ["afraid", "calm", "happy"] and dirs.recipe == "sae-k4"
+        # they read new texts as the latents were scored
+        assert dirs.metadata["pooling"] == {"hook": "blocks.6.hook_resid_post", "layer": 6, "max_tokens": 40,
+                                            "skip_first": 3, "dtype": "float32"}
         for name in dirs.names:
             ids = [i for i, _ in dirs.latents[name]]
             w = torch.tensor([x for _, x in dirs.latents[name]])
