@@ -16,7 +16,7 @@ from saefeatures.files import write_json
 from saefeatures.monitor import Trace
 from saefeatures.report.cards import cards_html, cards_page
 from saefeatures.report.monitor import trace_html
-from saefeatures.report.page import build_report, write_report
+from saefeatures.report.page import build_report, sae_recipe, write_report
 from saefeatures.report.steering import save_steering_plots, steering_figures
 
 CARD = FeatureCard(12, "afraid", 0.7, {"auroc": 0.81, "cohens_d": 1.2}, [("afraid", 3.0), ("calm", 0.5)],
@@ -75,3 +75,20 @@ def test_steering_figures_and_files(tmp_path):
     assert {p.split("/")[-1] for p in paths.values()} == {"dose_response.png", "pressure.png"}
     assert all((tmp_path / f"{name}.png").stat().st_size > 1000 for name in paths)
     assert json.loads(json.dumps(result.to_dict()))["hook"] == "blocks.1.hook_resid_post"
+
+
+def test_the_page_says_how_the_sae_directions_chose_their_latents(tmp_path):
+    meta = {"k": 16, "rank_by": "auroc", "select": "pursuit", "candidates": 256, "weighting": "lstsq",
+            "concept_weight": 2.0}
+    (tmp_path / "directions" / "sae").mkdir(parents=True)
+    write_json(tmp_path / "directions" / "sae" / "directions.json", {"metadata": meta})
+    assert sae_recipe(tmp_path) == (
+        "SAE k=16: per emotion, among the 256 selective latents ranked best by auroc on the stories and 2 x on "
+        "the sentences, the 16 chosen one at a time to rebuild the dense direction (sae_directions.recipe.select); "
+        "weights by least squares onto the dense direction.")
+    write_json(tmp_path / "directions" / "sae" / "directions.json",
+               {"metadata": {**meta, "select": "rank", "weighting": "score", "concept_weight": 0.0}})
+    assert sae_recipe(tmp_path) == "SAE k=16: per emotion, the top 16 selective latents by auroc; weights by effect size."
+    write_json(tmp_path / "metrics.json", {"model": {"id": "tiny", "layer": 2}, "sae": {"k16": {"auroc": 0.75}}})
+    assert "the top 16 selective latents by auroc" in build_report(tmp_path)
+    assert sae_recipe(tmp_path / "nowhere") == ""

@@ -174,13 +174,32 @@ def dense_recipe(run: Path) -> str:
     return text + "."
 
 
+def sae_recipe(run: Path) -> str:
+    """One sentence on how the run's main SAE directions chose and weighted their latents."""
+    meta = (_read(run / "directions" / "sae" / "directions.json") or {}).get("metadata", {})
+    if "k" not in meta:
+        return ""
+    rank = meta.get("rank_by", "?")
+    if meta.get("concept_weight"):
+        rank += f" on the stories and {meta['concept_weight']:g} x on the sentences"
+    if meta.get("select") == "pursuit":
+        text = (f"SAE k={meta['k']}: per emotion, among the {meta.get('candidates', '?')} selective latents "
+                f"ranked best by {rank}, the {meta['k']} chosen one at a time to rebuild the dense direction "
+                "(sae_directions.recipe.select)")
+    else:
+        text = f"SAE k={meta['k']}: per emotion, the top {meta['k']} selective latents by {rank}"
+    weights = "least squares onto the dense direction" if meta.get("weighting") == "lstsq" else "effect size"
+    return f"{text}; weights by {weights}."
+
+
 def direction_parts(run: Path, metrics: dict[str, Any], detection: dict[str, Any]) -> list[str]:
     """The direction sets side by side, their geometry, detection confusion matrices, the reader test."""
     figs, parts = run / "figures", []
     present = [s for s in SECTIONS if lookup(metrics, s)]
     if present:
         parts.append("<h2>Emotion directions: dense vs SAE-assembled</h2>"
-                     f"<p class='note'>{html.escape(dense_recipe(run))} 171-way detection on the topic-held-out test "
+                     f"<p class='note'>{html.escape(dense_recipe(run))} {html.escape(sae_recipe(run))} "
+                     "171-way detection on the topic-held-out test "
                      "split; PCA of the directions vs human valence (PC1) and arousal (PC2); EmoBank: Spearman of "
                      "sentence projections with human ratings.</p>")
         parts.append(_table(["directions", *(TITLES.get(c, c) for c in COLS)],
