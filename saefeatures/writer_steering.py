@@ -23,32 +23,21 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from .directions import EmotionDirections
-from .hf_hooks import tl_named_hooks
+from .hf_hooks import run_to_hooks, tl_named_hooks
 from .neutral import NEUTRAL_TEXTS
+from .steering.intervention import mean_token_norm
 
 
-@torch.inference_mode()
 def hf_residual_norm(hf: Any, tokenizer: Any, hook: str, texts: Sequence[str] = NEUTRAL_TEXTS,
                      max_tokens: int = 128) -> float:
     """Mean L2 norm of the residual stream at ``hook`` (a TransformerLens name) of a HuggingFace
     model over ``texts``, first token left out: `steering.intervention.residual_norm` without a
     HookedTransformer (a corpus build loads only the HF model)."""
-    total, count = 0.0, 0
-
-    def grab(act: Tensor, positions: Tensor) -> None:  # noqa: ARG001
-        nonlocal total, count
-        norms = act[0, 1:].float().norm(dim=-1)
-        total, count = total + float(norms.sum()), count + norms.numel()
-
-    with tl_named_hooks(hf, [(hook, grab)]):
-        for text in texts:
-            ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_tokens).input_ids
-            hf(input_ids=torch.tensor([ids], device=hf.device))
-    return total / max(count, 1)
+    norm = mean_token_norm(lambda tokens: run_to_hooks(hf, tokens, [hook])[hook], tokenizer, texts, max_tokens)
+    return norm or 0.0
 
 
 def writer_vectors(hf: Any, tokenizer: Any, directions: EmotionDirections, strength: float) -> dict[str, Tensor]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+@torch.inference_mode()
+def mean_token_norm(forward: Callable[[Tensor], Tensor], tokenizer, texts: Sequence[str], max_tokens: int,
+                    batch_tokens: int = 2048) -> float | None:
+    """Mean L2 norm of the activations ``forward(tokens)`` returns for ``texts`` (right-padded
+    batches), first token and padding left out; None when no text has a token after its first."""
+    total, count = 0.0, 0
+    for batch in iter_batches(tokenizer, [str(i) for i in range(len(texts))], texts, batch_tokens, max_tokens):
+        acts = forward(batch.tokens)
+        mask = batch.content_mask().to(acts.device)
+        total += float(acts.float().norm(dim=-1)[mask].sum())
+        count += int(mask.sum())
+    return total / count if count else None
+
+
 def residual_norm(model: HookedTransformer, hook: str, texts: Sequence[str] | None = None,
                   max_tokens: int = 128) -> float:
     """Mean L2 norm of the residual stream at ``hook`` over neutral text, first token left out.
@@ -61,17 +75,12 @@ def residual_norm(model: HookedTransformer, hook: str, texts: Sequence[str] | No
         object.__setattr__(model, "_saefeatures_resid_norms", cache)
     key = (hook, key_of(list(texts), max_tokens))
     if key not in cache:
-        total, count = 0.0, 0
-        ids = [str(i) for i in range(len(texts))]
-        for batch in iter_batches(model.tokenizer, ids, texts, batch_tokens=2048, max_tokens=max_tokens):
-            acts = forward_hooks(model, batch.tokens, [hook])[hook]
-            mask = batch.content_mask().to(acts.device)
-            total += float(acts.float().norm(dim=-1)[mask].sum())
-            count += int(mask.sum())
-        if count == 0:
+        norm = mean_token_norm(lambda tokens: forward_hooks(model, tokens, [hook])[hook], model.tokenizer, texts,
+                               max_tokens)
+        if norm is None:
             raise SteeringError("The neutral texts for the residual norm have no tokens after the first.")
-        cache[key] = total / count
-        log.info("mean residual norm at %s: %.2f (%d tokens)", hook, cache[key], count)
+        cache[key] = norm
+        log.info("mean residual norm at %s: %.2f (%d texts)", hook, norm, len(texts))
     return cache[key]
 
 
