@@ -99,8 +99,9 @@ def pursue_latents(decoder: Float[Tensor, "m d_model"], target: Float[Tensor, " 
         if align[j] <= 1e-9 * float(abs(t).max()):
             break
         chosen.append(j)
-        w, _ = nnls(rows[chosen].numpy().T, t)
-        residual = t - rows[chosen].numpy().T @ w
+        basis = rows[chosen].numpy().T
+        w, _ = nnls(basis, t)
+        residual = t - basis @ w
     return chosen
 
 
