@@ -40,6 +40,10 @@ TIMEOUT_ENV = "SAEFEATURES_DIST_TIMEOUT"
 WAIT_ENV = "SAEFEATURES_DIST_WAIT"
 """Seconds the other ranks wait for rank 0 while it runs the stages it alone runs (default 86,400)."""
 T = TypeVar("T")
+_ABANDONED: list[Any] = []
+"""Collectives given up on, kept to the end of the process: the gloo thread running one may still hold
+it, and if that thread drops the last reference it frees the work's tensors, which needs the GIL; at
+interpreter exit that aborts the process ('terminate called without an active exception')."""
 
 
 class RankFailure(RuntimeError):
@@ -168,6 +172,7 @@ class World:
         try:
             work.wait(timeout=datetime.timedelta(seconds=timeout))
         except RuntimeError as e:
+            _ABANDONED.append(work)
             raise RankFailure(
                 f"rank {self.rank} of {self.size}: lost contact with the other ranks in stage '{stage}' "
                 f"(waited up to {timeout:.0f} s; {' '.join(str(e).split())[:200]}): another rank died or hangs; "
