@@ -154,7 +154,7 @@ def build_sae(scores, W_dec: Float[Tensor, "d_sae d_model"], k: int, layer: int,
         v = (w[:, None] * W[ids]).sum(0)
         vectors.append(v / v.norm().clamp(min=1e-8))
         latents[name] = [(i, float(x)) for i, x in zip(ids, w)]
-    pooling = replace(DEFAULT_POOLING, **{k: v for k, v in (getattr(scores, "config", None) or {}).items()
+    pooling = replace(DEFAULT_POOLING, **{k: v for k, v in scores.config.items()
                                           if k in POOLING_FIELDS})  # as the scored records were pooled
     return EmotionDirections(names, layer, torch.stack(vectors), scores.hook, f"sae-k{k}",
                              dense.center if dense is not None else None, latents,
